@@ -1,0 +1,193 @@
+"""Voronoi/Laguerre kernel: exact against brute force, label consistency, Poisson–Voronoi statistics."""
+
+import math
+
+import numba
+import numpy as np
+import pytest
+
+from generators.sem import boundary_label
+from generators.voronoi import Tessellation, hardcore_seeds, lognormal_weights, poisson_seeds
+
+
+def brute_force(points, seeds, weights, extent, periodic):
+    """Reference: nearest seed (power distance) and min distance to all radical lines, all seeds."""
+    w = np.zeros(len(seeds)) if weights is None else np.asarray(weights)
+    if periodic:
+        lx, ly = extent
+        shifts = [(a * lx, b * ly) for a in (-1, 0, 1) for b in (-1, 0, 1)]
+    else:
+        shifts = [(0.0, 0.0)]
+    s = np.concatenate([seeds + np.array(sh) for sh in shifts])
+    ww = np.tile(w, len(shifts))
+    ids = np.tile(np.arange(len(seeds)), len(shifts))
+    p = ((points[:, None, :] - s[None]) ** 2).sum(-1) - ww[None]
+    j = p.argmin(1)
+    sep = np.sqrt(((s[None] - s[j][:, None]) ** 2).sum(-1))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        d = (p - p[np.arange(len(points)), j][:, None]) / (2 * sep)
+    d[sep == 0] = np.inf
+    return ids[j], d.min(1)
+
+
+def grid_points(h, w, offset=(0.0, 0.0)):
+    yy, xx = np.mgrid[:h, :w].astype(np.float64)
+    return xx + offset[0], yy + offset[1]
+
+
+@pytest.mark.parametrize("periodic", [False, True])
+@pytest.mark.parametrize("laguerre", [False, True])
+@pytest.mark.parametrize("cap", [np.inf, 6.0])
+def test_labels_match_brute_force(rng, periodic, laguerre, cap):
+    extent = (160.0, 128.0)
+    seeds = poisson_seeds(rng, 40, extent)
+    weights = lognormal_weights(rng, 40, 20.0, 0.5) if laguerre else None
+    tess = Tessellation(seeds, extent, weights=weights, periodic=periodic)
+    # points inside, and (distorted) points outside the specimen box
+    x = rng.uniform(-30, extent[0] + 30, 4000)
+    y = rng.uniform(-30, extent[1] + 30, 4000)
+    gid, dist = tess.label(x, y, max_distance=cap)
+    pts = np.c_[x, y]
+    if periodic:
+        pts = np.c_[np.mod(x, extent[0]), np.mod(y, extent[1])]
+    ref_id, ref_d = brute_force(pts, seeds, weights, extent, periodic)
+    assert np.array_equal(gid, ref_id)
+    np.testing.assert_allclose(dist, np.minimum(ref_d, cap), rtol=1e-5, atol=1e-4)
+
+
+def test_thread_count_does_not_change_result(rng):
+    extent = (512.0, 512.0)
+    tess = Tessellation(poisson_seeds(rng, 300, extent), extent,
+                        weights=lognormal_weights(rng, 300, 30.0, 0.4))
+    x, y = grid_points(256, 256, (3.3, 7.7))
+    x = x + rng.normal(0, 0.5, x.shape)
+    old = numba.get_num_threads()
+    out = []
+    try:
+        for t in sorted({1, numba.config.NUMBA_NUM_THREADS}):
+            numba.set_num_threads(t)
+            out.append(tess.label(x, y, max_distance=8.0))
+            out.append(tess.label(x, y))
+    finally:
+        numba.set_num_threads(old)
+    for a, b in zip(out[0:2], out[2:4] if len(out) > 2 else out[0:2]):
+        assert a[0].tobytes() == b[0].tobytes() and a[1].tobytes() == b[1].tobytes()
+
+
+@pytest.mark.parametrize("periodic", [False, True])
+def test_boundary_band_and_grain_id_changes(rng, periodic):
+    """Boundary = exact distance < width/2; as width → 0 it pins down where grain_id changes.
+
+    For a convex cell, if d(a) < 1/√2 some 4-neighbour lies across the nearest radical line, hence
+    in another grain; if 4-neighbours a, b differ, the segment ab crosses their radical line, so
+    d(a) + d(b) <= 1.  Hence band(√2) ⊆ {pixels with a differing 4-neighbour} ⊆ band(2), and every
+    differing pair touches band(1).
+    """
+    extent = (200.0, 200.0)
+    tess = Tessellation(poisson_seeds(rng, 60, extent), extent, periodic=periodic)
+    x, y = grid_points(200, 200)
+    gid, dist = tess.label(x, y)
+    # the label is exactly the thresholded exact distance (reference: brute force)
+    _, ref_d = brute_force(np.c_[x.ravel(), y.ravel()], tess.seeds, None, extent, periodic)
+    for width in (0.5, 1.0, 2.0, 3.0):
+        lab = boundary_label(dist, width)
+        ref = (ref_d.reshape(dist.shape) < width / 2).astype(np.uint8)
+        # float32 storage may flip pixels within 1e-5 px of the threshold only
+        near = np.abs(ref_d.reshape(dist.shape) - width / 2) < 1e-4
+        assert np.array_equal(lab[~near], ref[~near])
+    diff_h = gid[:, 1:] != gid[:, :-1]
+    diff_v = gid[1:, :] != gid[:-1, :]
+    edge = np.zeros(gid.shape, bool)
+    edge[:, 1:] |= diff_h
+    edge[:, :-1] |= diff_h
+    edge[1:, :] |= diff_v
+    edge[:-1, :] |= diff_v
+    inner = np.zeros(gid.shape, bool)  # pixels whose four neighbours all exist
+    inner[1:-1, 1:-1] = True
+    band_small = boundary_label(dist, math.sqrt(2) - 1e-6).astype(bool)
+    assert np.all(edge[band_small & inner])
+    assert np.all(boundary_label(dist, 2.0 + 1e-6).astype(bool)[edge])
+    band1 = dist <= 0.5 + 1e-6
+    assert np.all((band1[:, 1:] | band1[:, :-1])[diff_h])
+    assert np.all((band1[1:, :] | band1[:-1, :])[diff_v])
+    assert edge.sum() > 1000  # the test is not vacuous
+
+
+def _cell_stats(tess, side):
+    x, y = grid_points(side, side)
+    gid, _ = tess.label(x, y, max_distance=1.0)
+    n = tess.n_seeds
+    pairs = set()
+    for a, b in ((gid, np.roll(gid, 1, 0)), (gid, np.roll(gid, 1, 1))):
+        m = a != b
+        lo = np.minimum(a[m], b[m]).astype(np.int64)
+        hi = np.maximum(a[m], b[m]).astype(np.int64)
+        pairs.update(np.unique(lo * n + hi).tolist())
+    nb = np.zeros(n, int)
+    for p in pairs:
+        nb[p // n] += 1
+        nb[p % n] += 1
+    area = np.bincount(gid.ravel(), minlength=n).astype(float)
+    return nb, area
+
+
+def test_poisson_voronoi_statistics():
+    """2D Poisson–Voronoi: mean sides 6, variance ≈ 1.781; normalised area variance ≈ 0.280."""
+    rng = np.random.default_rng(2024)
+    side = 1024
+    nbs, areas = [], []
+    for _ in range(12):
+        tess = Tessellation(poisson_seeds(rng, 250, (side, side)), (side, side), periodic=True)
+        nb, area = _cell_stats(tess, side)
+        nbs.append(nb)
+        areas.append(area / area.mean())
+    nb = np.concatenate(nbs)
+    area = np.concatenate(areas)
+    # mean is exactly 6 on a torus (Euler); raster misses edges shorter than ~1 px (rare here)
+    assert abs(nb.mean() - 6.0) < 0.03
+    assert abs(nb.var() - 1.781) < 0.12  # 3000 cells: standard error ≈ 0.05
+    assert abs(area.var() - 0.280) < 0.025  # standard error ≈ 0.008
+
+
+def test_hardcore_seeds_respect_min_distance(rng):
+    extent = (300.0, 200.0)
+    s = hardcore_seeds(rng, 150, extent, 12.0, periodic=True)
+    assert s.shape == (150, 2)
+    d = s[:, None, :] - s[None]
+    d -= np.array(extent) * np.round(d / np.array(extent))
+    r = np.sqrt((d**2).sum(-1)) + np.eye(150) * 1e9
+    assert r.min() >= 12.0
+    # a hard core regularises the cells: fewer small areas than Poisson
+    tess = Tessellation(s, extent, periodic=True)
+    x, y = grid_points(200, 300)
+    gid, _ = tess.label(x, y, 1.0)
+    area = np.bincount(gid.ravel(), minlength=150) / (300 * 200 / 150)
+    assert area.var() < 0.2
+
+
+def test_hardcore_impossible_packing_raises(rng):
+    with pytest.raises(ValueError, match="could place only"):
+        hardcore_seeds(rng, 500, (100.0, 100.0), 10.0)
+
+
+def test_laguerre_weights_grow_cells(rng):
+    extent = (400.0, 400.0)
+    seeds = poisson_seeds(rng, 100, extent)
+    w = np.zeros(100)
+    w[0] = 40.0**2
+    tess0 = Tessellation(seeds, extent)
+    tess1 = Tessellation(seeds, extent, weights=w)
+    x, y = grid_points(400, 400)
+    a0 = np.sum(tess0.label(x, y, 1.0)[0] == 0)
+    a1 = np.sum(tess1.label(x, y, 1.0)[0] == 0)
+    assert a1 > a0 * 1.5
+
+
+def test_bad_input():
+    with pytest.raises(ValueError):
+        Tessellation(np.array([[10.0, 200.0]]), (100.0, 100.0))
+    t = Tessellation(np.array([[10.0, 20.0], [50.0, 50.0]]), (100.0, 100.0))
+    with pytest.raises(ValueError):
+        t.label(np.zeros(3), np.zeros(4))
+    with pytest.raises(ValueError):
+        t.label(np.array([np.nan]), np.array([1.0]))
