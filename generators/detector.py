@@ -9,7 +9,7 @@ For a pixel with relative signal ``s`` (≥ 0, dimensionless yield) and dose ``d
 so ``E[value] = g·d·s + o`` and ``Var[value] = g²·d·s + σ_r²`` (+1/12 from rounding) below
 saturation (the photon-transfer relation ``var = g·(mean − o) + σ_r²``).
 
-The kernel is parallel over rows with one counter-based random stream per row
+The kernel is parallel over rows with one SplitMix64 random stream per row
 (:mod:`generators._rng`), so the result depends only on the drawn ``noise_key``, never on the number
 of threads.
 """
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit, prange
 
-from generators._rng import normal_pair, poisson, stream_state
+from generators._rng import normal_pair, poisson, stream_start
 
 __all__ = ["Detector", "DetectorParams", "detect"]
 
@@ -50,15 +50,15 @@ class DetectorParams:
 def _detect_kernel(signal, dose, gain, readout, offset, vmax, key, out):
     h, w = signal.shape
     for r in prange(h):
-        st = stream_state(key, r)
+        st = stream_start(key, r)
         z1 = 0.0
         for c in range(w):
             lam = dose * signal[r, c]
-            ne = poisson(st, lam) if lam > 0.0 else 0
+            ne, st = poisson(st, lam)
             v = gain * ne + offset
             if readout > 0.0:
                 if c % 2 == 0:  # normals come in pairs
-                    z0, z1 = normal_pair(st)
+                    z0, z1, st = normal_pair(st)
                     v += readout * z0
                 else:
                     v += readout * z1

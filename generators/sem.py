@@ -128,9 +128,9 @@ class ChannellingContrast:
         )
 
     def reach_px(self) -> float:
-        """Boundary distance beyond which the groove changes the signal by < 1e-6 (px)."""
+        """Boundary distance beyond which the groove changes the signal by < 1e-4 of itself (px)."""
         sigma = self.groove_width_px[1] * FWHM_TO_SIGMA
-        return max(sigma * math.sqrt(2 * math.log(1e6)), 1e-3)
+        return max(sigma * math.sqrt(2 * math.log(1e4)), 1e-3)
 
     def apply(self, grain_id: np.ndarray, distance: np.ndarray, intensity: np.ndarray,
               params: ChannellingParams) -> np.ndarray:

@@ -435,7 +435,7 @@ def _tile_upper_bound(sx, sy, sw, start, nx, ny, hx, hy, lx, ly, periodic, x0, y
         radius *= 2.0
 
 
-@njit(cache=True)
+@njit(parallel=True, cache=True)
 def _build_tiles(sx, sy, sw, sid, start, nx, ny, hx, hy, lx, ly, periodic, cap, tnx, tny):
     thx = lx / tnx
     thy = ly / tny
@@ -445,37 +445,37 @@ def _build_tiles(sx, sy, sw, sid, start, nx, ny, hx, hy, lx, ly, periodic, cap, 
     dummy_xyw = np.empty((0, 3))
     dummy_id = np.empty(0, dtype=np.int32)
     dummy_dc = np.empty(0)
-    for ty in range(tny):
-        for tx in range(tnx):
-            k = ty * tnx + tx
-            x0 = tx * thx
-            y0 = ty * thy
-            x1 = x0 + thx
-            y1 = y0 + thy
-            u = _tile_upper_bound(sx, sy, sw, start, nx, ny, hx, hy, lx, ly, periodic, x0, y0, x1, y1)
-            # every seed that can be nearest, or whose radical line can lie closer than cap
-            r = 2.0 * cap + math.sqrt(max(u, 0.0)) + 1e-9 * (1.0 + cap)
-            radius[k] = r
-            counts[k + 1] = _tile_scan(sx, sy, sw, sid, start, nx, ny, hx, hy, lx, ly, periodic,
-                                       x0, y0, x1, y1, r, False, dummy_xyw, dummy_id, dummy_dc, 0)
+    for k in prange(nt):  # tiles are independent: any thread count gives the same lists
+        ty = k // tnx
+        tx = k - ty * tnx
+        x0 = tx * thx
+        y0 = ty * thy
+        x1 = x0 + thx
+        y1 = y0 + thy
+        u = _tile_upper_bound(sx, sy, sw, start, nx, ny, hx, hy, lx, ly, periodic, x0, y0, x1, y1)
+        # every seed that can be nearest, or whose radical line can lie closer than cap
+        r = 2.0 * cap + math.sqrt(max(u, 0.0)) + 1e-9 * (1.0 + cap)
+        radius[k] = r
+        counts[k + 1] = _tile_scan(sx, sy, sw, sid, start, nx, ny, hx, hy, lx, ly, periodic,
+                                   x0, y0, x1, y1, r, False, dummy_xyw, dummy_id, dummy_dc, 0)
     tstart = np.cumsum(counts)
     m = tstart[-1]
     xyw = np.empty((m, 3))
     ids = np.empty(m, dtype=np.int32)
     dc = np.empty(m)
-    for ty in range(tny):
-        for tx in range(tnx):
-            k = ty * tnx + tx
-            x0 = tx * thx
-            y0 = ty * thy
-            _tile_scan(sx, sy, sw, sid, start, nx, ny, hx, hy, lx, ly, periodic,
-                       x0, y0, x0 + thx, y0 + thy, radius[k], True, xyw, ids, dc, tstart[k])
-            a = tstart[k]
-            b = tstart[k + 1]
-            order = np.argsort(dc[a:b], kind="mergesort") + a
-            xyw[a:b] = xyw[order].copy()
-            ids[a:b] = ids[order].copy()
-            dc[a:b] = dc[order].copy()
+    for k in prange(nt):
+        ty = k // tnx
+        tx = k - ty * tnx
+        x0 = tx * thx
+        y0 = ty * thy
+        _tile_scan(sx, sy, sw, sid, start, nx, ny, hx, hy, lx, ly, periodic,
+                   x0, y0, x0 + thx, y0 + thy, radius[k], True, xyw, ids, dc, tstart[k])
+        a = tstart[k]
+        b = tstart[k + 1]
+        order = np.argsort(dc[a:b], kind="mergesort") + a
+        xyw[a:b] = xyw[order].copy()
+        ids[a:b] = ids[order].copy()
+        dc[a:b] = dc[order].copy()
     return tstart, xyw, ids, dc
 
 
