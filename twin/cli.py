@@ -7,6 +7,7 @@ traceback.  Set ``EMTWIN_DEBUG=1`` to see the traceback.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -16,7 +17,12 @@ import numpy as np
 
 from twin.errors import EmtwinError
 
-__all__ = ["main"]
+__all__ = ["main", "EXTENSION_COMMANDS"]
+
+# Modules that add subcommands: each defines ``register(subparsers)``, which adds its parsers and
+# sets ``func`` (a callable taking the parsed args and returning an exit code).  ``register`` must
+# not import heavy dependencies (torch, abTEM): import them inside ``func``.
+EXTENSION_COMMANDS: tuple[str, ...] = ()
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
@@ -143,6 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("validate", help="check a recipe (and its instrument profile)")
     c.add_argument("recipe")
     c.set_defaults(func=_cmd_validate)
+
+    for module in EXTENSION_COMMANDS:
+        importlib.import_module(module).register(sub)
     return p
 
 
