@@ -227,6 +227,60 @@ def _ring_bounds(k, cx, cy, jy):
 
 
 @njit(cache=True)
+def _visit_ring(k, cx, cy, x, y, sx, sy, sw, start, nx, ny, lx, ly, periodic, radical,
+                best, bid, bx, by, bd):
+    """Visit the seeds (and periodic images) of ring ``k`` of grid cells around ``(cx, cy)``.
+
+    ``radical=False``: update the nearest seed (``best`` power distance, index ``bid`` at
+    ``(bx, by)``).  ``radical=True``: update ``bd``, the smallest distance to a radical line
+    between the nearest seed and another one.
+    """
+    for jy in range(cy - k, cy + k + 1):
+        x0, x1, step = _ring_bounds(k, cx, cy, jy)
+        if periodic:
+            gy = jy % ny
+            shy = ly * ((jy - gy) // ny)
+        elif jy < 0 or jy >= ny:
+            continue
+        else:
+            gy = jy
+            shy = 0.0
+        jx = x0
+        while jx <= x1:
+            if periodic:
+                gx = jx % nx
+                shx = lx * ((jx - gx) // nx)
+            else:
+                gx = jx
+                shx = 0.0
+            if periodic or 0 <= jx < nx:
+                c = gy * nx + gx
+                for t in range(start[c], start[c + 1]):
+                    px = sx[t] + shx
+                    py = sy[t] + shy
+                    dx = x - px
+                    dy = y - py
+                    p = dx * dx + dy * dy - sw[t]
+                    if not radical:
+                        if p < best:
+                            best = p
+                            bid = t
+                            bx = px
+                            by = py
+                        continue
+                    ex = px - bx
+                    ey = py - by
+                    sep2 = ex * ex + ey * ey
+                    if sep2 == 0.0:
+                        continue  # the nearest seed itself (or an exact duplicate)
+                    dist = (p - best) / (2.0 * math.sqrt(sep2))
+                    if dist < bd:
+                        bd = dist
+            jx += step
+    return best, bid, bx, by, bd
+
+
+@njit(cache=True)
 def _label_one(x, y, sx, sy, sw, sid, start, nx, ny, hx, hy, lx, ly, periodic, cap):
     """Nearest seed id and capped boundary distance of one point (see module docstring)."""
     if periodic:
@@ -236,112 +290,33 @@ def _label_one(x, y, sx, sy, sw, sid, start, nx, ny, hx, hy, lx, ly, periodic, c
     cy = int(math.floor(y / hy))
     fx = x - cx * hx
     fy = y - cy * hy
-    m = min(min(fx, hx - fx), min(fy, hy - fy))
-    if m < 0.0:
-        m = 0.0
+    m = max(min(min(fx, hx - fx), min(fy, hy - fy)), 0.0)
     hmin = min(hx, hy)
     # rings needed to cover the whole grid (non-periodic)
-    kmax = max(max(cx, nx - 1 - cx), max(cy, ny - 1 - cy))
-    if kmax < 0:
-        kmax = 0
-    # ---- pass 1: nearest seed in power distance --------------------------------------
-    best = np.inf
-    bid = -1
-    bx = 0.0
-    by = 0.0
+    kmax = max(max(max(cx, nx - 1 - cx), max(cy, ny - 1 - cy)), 0)
+    # pass 1: nearest seed in power distance; unvisited seeds lie beyond lb = k·h + m
+    best, bid, bx, by, bd = np.inf, -1, 0.0, 0.0, cap
     k = 0
     while True:
-        for jy in range(cy - k, cy + k + 1):
-            x0, x1, step = _ring_bounds(k, cx, cy, jy)
-            if periodic:
-                gy = jy % ny
-                shy = ly * ((jy - gy) // ny)
-            else:
-                if jy < 0 or jy >= ny:
-                    continue
-                gy = jy
-                shy = 0.0
-            jx = x0
-            while jx <= x1:
-                if periodic:
-                    gx = jx % nx
-                    shx = lx * ((jx - gx) // nx)
-                    ok = True
-                else:
-                    gx = jx
-                    shx = 0.0
-                    ok = 0 <= jx < nx
-                if ok:
-                    c = gy * nx + gx
-                    for t in range(start[c], start[c + 1]):
-                        px = sx[t] + shx
-                        py = sy[t] + shy
-                        dx = x - px
-                        dy = y - py
-                        p = dx * dx + dy * dy - sw[t]
-                        if p < best:
-                            best = p
-                            bid = t
-                            bx = px
-                            by = py
-                jx += step
+        best, bid, bx, by, bd = _visit_ring(k, cx, cy, x, y, sx, sy, sw, start, nx, ny, lx, ly,
+                                            periodic, False, best, bid, bx, by, bd)
         lb = k * hmin + m
-        if bid >= 0 and lb * lb >= best:
-            break
-        if (not periodic) and k >= kmax:
+        if (bid >= 0 and lb * lb >= best) or ((not periodic) and k >= kmax):
             break
         k += 1
     d1 = math.sqrt((x - bx) ** 2 + (y - by) ** 2)
-    # ---- pass 2: distance to the nearest radical line ----------------------------------
-    bd = cap
+    # pass 2: distance to the nearest radical line
     k = 0
     while True:
-        for jy in range(cy - k, cy + k + 1):
-            x0, x1, step = _ring_bounds(k, cx, cy, jy)
-            if periodic:
-                gy = jy % ny
-                shy = ly * ((jy - gy) // ny)
-            else:
-                if jy < 0 or jy >= ny:
-                    continue
-                gy = jy
-                shy = 0.0
-            jx = x0
-            while jx <= x1:
-                if periodic:
-                    gx = jx % nx
-                    shx = lx * ((jx - gx) // nx)
-                    ok = True
-                else:
-                    gx = jx
-                    shx = 0.0
-                    ok = 0 <= jx < nx
-                if ok:
-                    c = gy * nx + gx
-                    for t in range(start[c], start[c + 1]):
-                        px = sx[t] + shx
-                        py = sy[t] + shy
-                        ex = px - bx
-                        ey = py - by
-                        sep2 = ex * ex + ey * ey
-                        if sep2 == 0.0:
-                            continue  # the nearest seed itself (or an exact duplicate)
-                        dx = x - px
-                        dy = y - py
-                        p = dx * dx + dy * dy - sw[t]
-                        dist = (p - best) / (2.0 * math.sqrt(sep2))
-                        if dist < bd:
-                            bd = dist
-                jx += step
+        best, bid, bx, by, bd = _visit_ring(k, cx, cy, x, y, sx, sy, sw, start, nx, ny, lx, ly,
+                                            periodic, True, best, bid, bx, by, bd)
         lb = k * hmin + m
-        if lb * lb >= best and (lb * lb - best) >= 2.0 * (lb + d1) * bd:
-            break
-        if (not periodic) and k >= kmax:
+        if (lb * lb >= best and (lb * lb - best) >= 2.0 * (lb + d1) * bd) or (
+            (not periodic) and k >= kmax
+        ):
             break
         k += 1
-    if bd < 0.0:
-        bd = 0.0
-    return sid[bid], bd
+    return sid[bid], max(bd, 0.0)
 
 
 @njit(parallel=True, cache=True)
