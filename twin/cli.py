@@ -22,15 +22,31 @@ __all__ = ["main", "EXTENSION_COMMANDS"]
 # Modules that add subcommands: each defines ``register(subparsers)``, which adds its parsers and
 # sets ``func`` (a callable taking the parsed args and returning an exit code).  ``register`` must
 # not import heavy dependencies (torch, abTEM): import them inside ``func``.
-EXTENSION_COMMANDS: tuple[str, ...] = ()
+EXTENSION_COMMANDS: tuple[str, ...] = ("sdk.cli", "twin.calibrate_cmd")
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
     from twin.generate import generate_dataset
+    from twin.shards import shard_dir_for
 
-    out = generate_dataset(args.recipe, args.output, n=args.n, seed=args.seed,
-                           compression=args.compression,
-                           progress=False if args.quiet else None)
+    def log(msg: str) -> None:
+        if not args.quiet:
+            print(f"twin: {msg}", file=sys.stderr)
+
+    try:
+        out = generate_dataset(args.recipe, args.output, n=args.n, seed=args.seed,
+                               compression=args.compression,
+                               progress=False if args.quiet else None,
+                               workers=args.workers, overwrite=args.overwrite,
+                               scheduler=args.scheduler, shard_size=args.shard_size,
+                               keep_shards=args.keep_shards, return_shards=args.return_shards,
+                               log=log)
+    except KeyboardInterrupt:
+        shards = shard_dir_for(args.output)
+        kept = (f"finished shards are kept in {shards}; rerun the same command to resume"
+                if shards.is_dir() else "nothing was written")
+        print(f"twin: interrupted ({kept})", file=sys.stderr)
+        return 130
     if not args.quiet:
         print(f"wrote {out}")
     return 0
@@ -115,6 +131,16 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     from twin import __version__
 
@@ -130,6 +156,21 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--compression", choices=("lz4", "gzip", "none"), default=None,
                    help="HDF5 compression (default: the recipe's; gzip opens in any HDF5 tool)")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
+    g.add_argument("-j", "--workers", type=_positive_int, default=None, metavar="N",
+                   help="worker processes (default: the number of cores, or this process "
+                        "alone for runs of a few seconds; 1 = this process)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start over: discard an unfinished run and replace an existing output "
+                        "(default: resume an unfinished run, keep finished shards)")
+    g.add_argument("--shard-size", type=_positive_int, default=None, metavar="K",
+                   help="samples per shard (default: clip(n/256, 8, 256), or the unfinished run's)")
+    g.add_argument("--keep-shards", action="store_true",
+                   help="keep OUTPUT.shards/ after the final file is written")
+    g.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                   help="run the shards on a Dask cluster (tcp://host:8786); its workers write "
+                        "OUTPUT.shards/, so it must be on a filesystem they share")
+    g.add_argument("--return-shards", action="store_true",
+                   help="with --scheduler: workers send shards back instead of writing them")
     g.set_defaults(func=_cmd_generate)
 
     v = sub.add_parser("preview", help="write a PNG montage of images with label overlays")
@@ -168,6 +209,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"twin: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # e.g. `twin info --json x.h5 | head`: not an error
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - silence the flush at exit
+        return 141
     except OSError as exc:
         if os.environ.get("EMTWIN_DEBUG"):
             raise

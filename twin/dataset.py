@@ -245,6 +245,35 @@ def _compression_kwargs(compression: str) -> dict[str, Any]:
     return {}
 
 
+
+def _filter_pipeline(ds: h5py.Dataset) -> tuple:
+    """(filter id, client values) of every filter of a dataset, in order."""
+    plist = ds.id.get_create_plist()
+    out = []
+    for k in range(plist.get_nfilters()):
+        code, _flags, values, _name = plist.get_filter(k)
+        out.append((int(code), tuple(int(v) for v in values)))
+    return tuple(out)
+
+
+def _copy_chunks(src: h5py.Dataset, dst: h5py.Dataset, start: int, m: int) -> None:
+    """Copy ``src[0:m]`` to ``dst[start:start+m]``; raw chunk copy when the layouts match."""
+    raw = (src.chunks is not None and src.chunks == dst.chunks and src.chunks[0] == 1
+           and _filter_pipeline(src) == _filter_pipeline(dst))
+    if raw:
+        zeros = (0,) * (src.ndim - 1)
+        try:
+            for k in range(m):
+                mask, data = src.id.read_direct_chunk((k, *zeros))
+                dst.id.write_direct_chunk((start + k, *zeros), data, filter_mask=mask)
+            return
+        except (OSError, KeyError, RuntimeError):  # e.g. an unallocated chunk: decode instead
+            pass
+    step = max(1, (64 << 20) // max(1, int(np.prod(src.shape[1:])) * src.dtype.itemsize))
+    for k in range(0, m, step):
+        dst[start + k:start + min(m, k + step)] = src[k:min(m, k + step)]
+
+
 # --------------------------------------------------------------------------------------------
 # Writer
 # --------------------------------------------------------------------------------------------
@@ -571,6 +600,138 @@ class DatasetWriter:
             raise DatasetError(f"{name}: cannot write sample {i}: {exc}")
         self._written[i] = True
 
+    # ---- attributes and bulk copies ----
+
+    @property
+    def file(self) -> h5py.File:
+        """The open temporary file, to read back what was written before :meth:`close`.
+
+        For callers that need e.g. a checksum of the stored data; do not modify it (use
+        :meth:`write` and :meth:`set_attrs`).
+        """
+        if self._closed or self._file is None:
+            raise DatasetError(f"{self.path.name}: writer is closed")
+        return self._file
+
+    def set_attrs(self, attrs: Mapping[str, Any]) -> None:
+        """Set (or replace) root attributes before :meth:`close`.
+
+        For values known only after the samples are written (e.g. a checksum). The same rules
+        as the constructor's ``attrs`` apply: the writer's own attributes are reserved.
+
+        Raises
+        ------
+        DatasetError
+            If the writer is closed, a key is reserved or a value cannot be stored.
+        """
+        if self._closed or self._file is None:
+            raise DatasetError(f"{self.path.name}: writer is closed")
+        clash = sorted(set(attrs) & _RESERVED_ATTRS)
+        if clash:
+            raise DatasetError(
+                f"{self.path.name}: attrs may not set {', '.join(clash)} (the writer sets these itself)"
+            )
+        for key in sorted(attrs):
+            if not isinstance(key, str) or not key:
+                raise DatasetError(f"{self.path.name}: attribute name {key!r} must be a non-empty str")
+            value = _attr_value(self.path, key, attrs[key])
+            try:
+                self._file.attrs[key] = value
+            except (OSError, ValueError, TypeError) as exc:
+                raise DatasetError(f"{self.path.name}: cannot store attribute {key!r}: {exc}")
+
+    def copy_from(self, source: str | os.PathLike, start: int) -> int:
+        """Copy every sample of another dataset file into positions ``start, start + 1, ...``.
+
+        Used to join shards (:mod:`twin.shards`). Images and labels whose chunk shape and filter
+        pipeline match this writer's are copied as raw compressed chunks (no decompression);
+        otherwise they are decoded and re-encoded. Root attributes of ``source`` are not copied.
+
+        Parameters
+        ----------
+        source : path
+            An emtwin dataset file (complete or not) with the same image shape/dtype and labels.
+        start : int
+            Position of the source's first sample in this file.
+
+        Returns
+        -------
+        int
+            Number of samples copied.
+
+        Raises
+        ------
+        DatasetError
+            If the source cannot be read, does not match this writer's layout or does not fit.
+        """
+        name = self.path.name
+        if self._closed or self._file is None:
+            raise DatasetError(f"{name}: writer is closed")
+        src_path = Path(os.fspath(source))
+        try:
+            src = h5py.File(src_path, "r")
+        except OSError as exc:
+            raise DatasetError(f"{src_path}: cannot open it to copy from: {exc}")
+        try:
+            try:
+                m = self._copy_all(src, src_path, int(start))
+            except (OSError, KeyError, ValueError, TypeError) as exc:
+                raise DatasetError(f"{name}: cannot copy samples from {src_path}: {exc}")
+        finally:
+            src.close()
+        return m
+
+    def _copy_all(self, src: h5py.File, src_path: Path, start: int) -> int:
+        name = self.path.name
+        images = src["images"]
+        m = int(images.shape[0])
+        if images.shape[1:] != self.image_shape or images.dtype != self.image_dtype:
+            raise DatasetError(
+                f"{name}: {src_path.name} has images {images.shape[1:]} {images.dtype}, "
+                f"expected {self.image_shape} {self.image_dtype}"
+            )
+        if not 0 <= start <= self.n_samples - m:
+            raise DatasetError(
+                f"{name}: {m} samples from {src_path.name} at position {start} do not fit in "
+                f"{self.n_samples}"
+            )
+        src_labels = set(src["labels"].keys()) if "labels" in src else set()
+        if src_labels != set(self.labels):
+            raise DatasetError(
+                f"{name}: {src_path.name} has labels {sorted(src_labels)}, expected {sorted(self.labels)}"
+            )
+        pairs = [(images, self._images)]
+        for lname in sorted(self.labels):
+            s = src["labels"][lname]
+            if s.dtype != np.dtype(self.labels[lname].dtype):
+                raise DatasetError(
+                    f"{name}: {src_path.name} label {lname!r} is {s.dtype}, expected "
+                    f"{self.labels[lname].dtype}"
+                )
+            pairs.append((s, self._label_ds[lname]))
+        for s, d in pairs:
+            _copy_chunks(s, d, start, m)
+        for key, dst in (("specimen_id", self._specimen), ("index", self._index),
+                         ("params", self._params)):
+            dst[start:start + m] = src["meta"][key][...]
+        if "geometry" in src:
+            for gname, s in src["geometry"].items():
+                d = self._geometry.get(gname)
+                row = np.asarray(s.attrs.get("row_shape", np.zeros(0, np.int64)), dtype=np.int64)
+                if d is None:
+                    grp = self._file.require_group("geometry")
+                    d = grp.create_dataset(gname, shape=(self.n_samples,),
+                                           dtype=h5py.vlen_dtype(np.float64), track_times=False)
+                    d.attrs["row_shape"] = row
+                    self._geometry[gname] = d
+                elif tuple(d.attrs["row_shape"]) != tuple(row):
+                    raise DatasetError(f"{name}: geometry {gname!r} of {src_path.name} has rows "
+                                       f"of shape {tuple(row)}, expected {tuple(d.attrs['row_shape'])}")
+                for k in range(m):
+                    d[start + k] = s[k]
+        self._written[start:start + m] = True
+        return m
+
     # ---- finishing ----
 
     def close(self) -> None:
@@ -682,6 +843,12 @@ class EmtwinDataset:
         self._pid: int | None = None
         p = self.path
         if not p.exists():
+            shards = p.with_name(p.name + ".shards")
+            if shards.is_dir():  # a sharded run (twin.shards) is in progress or was interrupted
+                raise DatasetError(
+                    f"{p}: dataset is incomplete: generation is running or was interrupted "
+                    f"(its shards are in {shards}); rerun 'twin generate' to finish it"
+                )
             raise DatasetError(f"{p}: no such file")
         if not p.is_file():
             raise DatasetError(f"{p}: not a file")

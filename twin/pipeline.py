@@ -1,7 +1,10 @@
 """The SEM grain twin: recipe + instrument → samples (image, exact labels, drawn parameters).
 
-Chain (DESIGN.md §1): Specimen (VoronoiGrains) → Scan (coordinate maps) → Contrast (channelling +
-groove, labels from the same coordinates) → Optics (Gaussian PSF) → Detector (Poisson–Gaussian).
+Chain (DESIGN.md §1): Specimen (VoronoiGrains) → Scan (coordinate maps: drift, random walk, line
+jitter, mains, nonlinearity) → Contrast (channelling + groove, labels from the same coordinates) →
+Optics (Gaussian or Lorentzian-tailed PSF, vignetting) → Detector (Poisson–Gaussian, saturation,
+fixed pattern, lag).  The optional parts come from the instrument profile (e.g. one written by
+``twin calibrate``); a profile without them gives the basic chain's draws and bytes.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import numpy as np
 
 from generators.detector import Detector
 from generators.grains import VoronoiGrains
-from generators.optics import GaussianPSF
+from generators.optics import GaussianPSF, LorentzianTailPSF, Vignetting
 from generators.scan import ScanModel
 from generators.sem import ChannellingContrast, boundary_label
 from generators.voronoi import Tessellation
@@ -91,12 +94,30 @@ class SEMGrainPipeline:
             line_jitter_px=(scan.line_jitter_px if recipe.scan.line_jitter_px is None
                             else recipe.scan.line_jitter_px),
             field_extent=self.specimen.extent,
+            drift_walk_px=scan.drift_walk_px,
+            mains_amplitude_px=(scan.mains.amplitude_px if scan.mains is not None else (0.0, 0.0)),
+            mains_frequency_hz=(scan.mains.frequency_hz if scan.mains is not None else 50.0),
+            dwell_time_s=scan.dwell_time_s,
+            flyback_s=scan.flyback_s,
+            fast_nonlinearity=(scan.fast_nonlinearity.amplitude_px,
+                               scan.fast_nonlinearity.decay_px),
+            slow_nonlinearity=(scan.slow_nonlinearity.amplitude_px,
+                               scan.slow_nonlinearity.decay_px),
         )
-        psf = instrument.optics.psf_sigma_px if recipe.optics.psf_sigma_px is None else recipe.optics.psf_sigma_px
-        self.optics = GaussianPSF(sigma_px=psf)
+        opt = instrument.optics
+        psf = opt.psf_sigma_px if recipe.optics.psf_sigma_px is None else recipe.optics.psf_sigma_px
+        if opt.psf_kind == "lorentzian":
+            self.optics = LorentzianTailPSF(sigma_px=psf, tail_fraction=opt.psf_tail_fraction,
+                                            tail_gamma_px=opt.psf_tail_gamma_px)
+        else:
+            self.optics = GaussianPSF(sigma_px=psf)
+        self.vignetting = Vignetting(coefficients=opt.vignetting.coefficients())
         d = instrument.detector
         self.detector = Detector(gain=d.gain, readout_sigma=d.readout_sigma, offset=d.offset,
-                                 bit_depth=d.bit_depth, dose=recipe.detector.dose)
+                                 bit_depth=d.bit_depth, dose=recipe.detector.dose,
+                                 saturation=d.saturation, row_sigma=d.fixed_pattern.row_sigma,
+                                 col_sigma=d.fixed_pattern.col_sigma,
+                                 pattern_seed=d.fixed_pattern.seed, lag_px=d.lag_px)
         self.label_names = list(recipe.labels.names)
         self.label_width = recipe.labels.boundary_width_px
         # boundary distances beyond this never change image or labels: cap the exact search there
@@ -133,7 +154,15 @@ class SEMGrainPipeline:
         x, y = self.scan.apply(scan_p)
         grain_id, dist = tess.label(x, y, max_distance=self.distance_cap)
         signal = self.contrast.apply(grain_id, dist, intensity, contrast_p)
-        signal = self.optics.apply(signal, psf_p)
+        if self.instrument.optics.psf_follows_scan:
+            row_shift = (x - np.arange(x.shape[1], dtype=np.float64)[None, :]).mean(axis=1)
+            signal = self.optics.apply(signal, psf_p, row_shift_px=row_shift)
+        else:
+            signal = self.optics.apply(signal, psf_p)
+        vig_p = None
+        if self.vignetting.active:
+            vig_p = self.vignetting.sample(rng)  # no draw: an instrument constant
+            signal = self.vignetting.apply(signal, vig_p)
         image = self.detector.apply(signal, det_p)
 
         labels: dict[str, np.ndarray] = {}
@@ -149,4 +178,6 @@ class SEMGrainPipeline:
             "detector": det_p.to_dict(),
             "labels": {"boundary_width_px": self.label_width},
         }
+        if vig_p is not None:
+            params["optics"].update(vig_p.to_dict())
         return Sample(image=image, labels=labels, specimen_id=sid, index=int(index), params=params)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -59,7 +61,10 @@ def preview_montage(path: str | Path, out: str | Path, n: int = 4, tile: int = 2
                 im = Image.fromarray(arr).resize((tile, tile), Image.Resampling.NEAREST)
                 canvas.paste(im, (4 + k * (tile + 4), 4 + row * (tile + 4)))
     out = Path(out)
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    canvas.save(tmp, format="PNG")
-    tmp.replace(out)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp.png")
+    try:
+        canvas.save(tmp, format="PNG")
+        tmp.replace(out)
+    finally:
+        tmp.unlink(missing_ok=True)
     return out
