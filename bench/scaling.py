@@ -4,11 +4,11 @@ One run prints, for the SEM recipe (default 512x512, ``--n 128`` samples):
 
 1. samples/s of ``twin generate --workers 1`` and ``--workers 2`` (spawned processes, Numba
    threads = cores // workers), plus ``--workers 1`` with Numba on one thread (the per-core
-   rate), and the speed-ups against both baselines. End to end: process start-up, generation,
-   shard writes, checksum, merge.
-2. samples/s on a ``dask.distributed.LocalCluster`` of 1 and 2 single-threaded worker processes
-   (cluster start-up excluded, workers warmed; shard writes and merge included), and the
-   speed-up.
+   rate). "end-to-end" at 2n includes process start-up, generation, shard writes, checksums
+   and the merge; "steady" = n / (t(2n) - t(n)) removes the fixed costs (~1-1.5 s of worker
+   start-up). Speed-ups are on the steady rate, against both baselines.
+2. The same on a ``dask.distributed.LocalCluster`` of 1 and 2 worker processes with one core
+   each (cluster start-up excluded, workers warmed), and the speed-up.
 3. Joining the shards: raw-chunk merge vs decode/re-encode merge vs an HDF5 virtual dataset
    (VDS): build time and read speed of the result (the measurement behind the choice in
    ``twin/shards.py``).
@@ -36,6 +36,14 @@ What limits scaling beyond one machine (numbers from the run are printed at the 
   ``N / merge_rate`` seconds; a cluster producing samples faster than the merge (or the shared
   filesystem's write bandwidth) is limited by it. ``--return-shards`` additionally sends every
   shard through the client's network link.
+* Worker environment: Dask's default ``MALLOC_TRIM_THRESHOLD_=65536`` slows NumPy-heavy samples
+  by ~30 % (see ``twin/shards.py``); the LocalCluster here runs without it.
+
+Multislice on paper: with ``t_s`` ~ 2 s per sample per core, a shard of 8 is 16 s of work
+against ~2 ms of scheduling (99.99 %), so scaling is linear in cores until the client's merge
+(~2,000 samples/s here, i.e. ~4,000 cores at 2 s/sample) or the shared filesystem's write
+bandwidth saturates; the last lines of the output compute these break-even core counts from the
+numbers measured in the run.
 """
 
 from __future__ import annotations
@@ -110,15 +118,24 @@ def local_scaling(recipe: Path, d: Path, ns: tuple[int, int], workers: list[int]
 def dask_scaling(recipe: Path, d: Path, ns: tuple[int, int], counts: list[int],
                  shard_size: int | None) -> dict:
     """Seconds for each n in ``ns`` on a LocalCluster of each size (one cluster per size)."""
+    import dask
     from distributed import Client, LocalCluster
 
     rows = {}
-    for k in counts:
-        with LocalCluster(n_workers=k, threads_per_worker=1, processes=True,
-                          dashboard_address=None) as cluster, Client(cluster) as client:
-            client.run(_warm)
-            rows[str(k)] = [timed_run(recipe, d / f"dask{k}.h5", n, client=client,
-                                      shard_size=shard_size) for n in ns]
+    # Dask's nanny sets MALLOC_TRIM_THRESHOLD_=65536 in its workers, which disables glibc's
+    # dynamic mmap threshold: every multi-MB NumPy temporary is then mmap'd and page-faulted
+    # afresh, which made one 512x512 SEM sample ~29 % slower here (25.4 -> 32.7 ms on one
+    # thread). Drop it (a null value) for these workers, as we recommend for emtwin clusters.
+    # NUMBA_NUM_THREADS=1: one core per worker, so the table shows scaling with workers (with
+    # emtwin's default a lone worker would take every core of the host through Numba).
+    with dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None,
+                          "distributed.nanny.pre-spawn-environ.NUMBA_NUM_THREADS": 1}):
+        for k in counts:
+            with LocalCluster(n_workers=k, threads_per_worker=1, processes=True,
+                              dashboard_address=None) as cluster, Client(cluster) as client:
+                client.run(_warm)
+                rows[str(k)] = [timed_run(recipe, d / f"dask{k}.h5", n, client=client,
+                                          shard_size=shard_size) for n in ns]
     return rows
 
 
@@ -276,7 +293,9 @@ def main(argv: list[str] | None = None) -> int:
         print_table(local, ns, {"workers=1": str(workers[0]), "1 thread": "1 (1 thread)"})
 
         dsk = dask_scaling(recipe, d, ns, dask_counts, args.shard_size)
-        print("\n## Dask LocalCluster of 1-thread worker processes (cluster start excluded)")
+        print("\n## Dask LocalCluster, one core per worker process (1 Dask thread, "
+              "NUMBA_NUM_THREADS=1, no MALLOC_TRIM_THRESHOLD_: see dask_scaling); cluster start "
+              "excluded")
         print_table(dsk, ns, {f"{dask_counts[0]} worker": str(dask_counts[0])})
 
         j = join_bench(recipe, d, args.n, shard_size)
@@ -309,9 +328,15 @@ def main(argv: list[str] | None = None) -> int:
                   f"{100 * k * 2.0 / (k * 2.0 + ov['dask']):.3f} %")
         print(f"  scheduler ceiling ~{1 / ov['dask']:.0f} tasks/s -> "
               f"{shard_size / ov['dask']:.0f} samples/s at shard size {shard_size}")
-        print(f"  merge ceiling (client, serial): {n / j['merge_raw_s']:.0f} samples/s "
-              f"= {n / j['merge_raw_s'] * j['mb_per_sample']:.0f} MB/s; a cluster faster than "
+        merge_rate = n / j["merge_raw_s"]
+        print(f"  merge ceiling (client, serial): {merge_rate:.0f} samples/s "
+              f"= {merge_rate * j['mb_per_sample']:.0f} MB/s; a cluster faster than "
               "this (or than the shared filesystem's write bandwidth) waits on the merge")
+        t1 = local["1 (1 thread)"]
+        t_core = max(1e-9, t1[1] - t1[0]) / (ns[1] - ns[0])  # s per sample on one core (steady)
+        for label, ts in (("SEM 512x512", t_core), ("multislice (~2 s/sample)", 2.0)):
+            print(f"  {label}: the merge saturates at ~{merge_rate * ts:.0f} cores, the scheduler "
+                  f"(shard size {shard_size}) at ~{shard_size / ov['dask'] * ts:.0f} cores")
     finally:
         shutil.rmtree(d, ignore_errors=True)
     return 0

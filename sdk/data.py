@@ -313,7 +313,8 @@ class SyntheticDataset(_Seeded, Dataset):
     Parameters
     ----------
     path : str or os.PathLike
-        An emtwin dataset file (``twin generate``).
+        An emtwin dataset file (``twin generate``), or a complete shard directory
+        (``OUT.h5.shards`` of ``twin generate --keep-shards``), read in place.
     label : str or sequence of str
         Label map(s) under ``/labels``: e.g. ``"boundary"`` (0/1), ``"grain_id"`` (instance ids,
         see :func:`boundary_from_instances`). A sequence gives a dict ``{name: target}``.
@@ -360,12 +361,16 @@ class SyntheticDataset(_Seeded, Dataset):
                  transform: Callable[..., Any] | None = None, length: int | None = None,
                  random_crop: bool = True, *, tiles: bool = False) -> None:
         from twin.dataset import DatasetError, open_dataset  # h5py + hdf5plugin, no Numba
+        from twin.errors import EmtwinError
+        from twin.shards import open_sharded  # (also free of Numba)
 
         _check_common(crop, channels, normalize)
         try:
-            self._ds = open_dataset(path)
+            # a finished dataset file, or a shard directory (``OUT.h5.shards``) read in place
+            is_shards = os.path.isdir(path)
+            self._ds = open_sharded(path) if is_shards else open_dataset(path)
             specimen = self._ds.specimen_ids()
-        except DatasetError as exc:
+        except (DatasetError, EmtwinError) as exc:
             raise DataError(str(exc)) from exc
         self.path = Path(os.fspath(path))
         self._multi = not isinstance(label, str)

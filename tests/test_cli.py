@@ -484,3 +484,23 @@ def test_numba_thread_count_does_not_change_bytes(tmp_path):
         assert n == threads
         digests[threads] = digest
     assert digests["1"] == digests["2"]
+
+
+def test_regenerate_with_a_profile_file_uses_the_stored_profile(tmp_path):
+    """A recipe naming a profile by relative path regenerates from the dataset's stored profile."""
+    import shutil
+
+    from twin.dataset import open_dataset
+    from twin.generate import regenerate_sample
+
+    shutil.copy(Path(__file__).resolve().parents[1] / "twin/instruments/generic-sem.yaml",
+                tmp_path / "my.yaml")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: t\nsize: [48, 48]\nsamples: 3\nspecimens: 1\nseed: 2\n"
+                      "instrument: my.yaml\nspecimen: {grains_per_field: [5, 9]}\n")
+    out = tmp_path / "o.h5"
+    assert main(["generate", str(recipe), "-o", str(out), "-q", "--workers", "1"]) == 0
+    with open_dataset(out) as ds:
+        s = regenerate_sample(ds.attrs["recipe"], 2, ds.attrs["root_seed"],
+                              instrument_text=ds.attrs["instrument"])
+        assert s.image.tobytes() == ds.image(2).tobytes()

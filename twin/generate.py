@@ -7,10 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-import yaml
-from pydantic import ValidationError
-
-from twin.instrument import Instrument, load_instrument
+from twin.instrument import load_instrument, parse_instrument
 from twin.pipeline import SEMGrainPipeline
 from twin.recipe import Recipe, load_recipe, parse_recipe, recipe_sha256
 from twin.shards import RunSpec, default_shard_size, generate_sharded
@@ -32,13 +29,7 @@ def pipeline_from_text(recipe_text: str, instrument_text: str,
     Needs no access to the user's files, so it runs unchanged on a Dask worker elsewhere.
     """
     recipe = parse_recipe(recipe_text)
-    try:
-        data = yaml.safe_load(instrument_text)
-        instrument = Instrument.model_validate(data)
-    except (yaml.YAMLError, ValidationError) as exc:
-        from twin.errors import RecipeError
-
-        raise RecipeError(f"invalid instrument profile text: {exc}") from None
+    instrument = parse_instrument(instrument_text, "instrument profile text")
     return SEMGrainPipeline(recipe, instrument, root_seed=seed)
 
 
@@ -163,8 +154,15 @@ def generate_dataset(
     )
 
 
-def regenerate_sample(recipe_text: str, index: int, seed: int | None = None):
-    """Regenerate one sample from recipe text (e.g. a dataset's ``recipe`` attr)."""
+def regenerate_sample(recipe_text: str, index: int, seed: int | None = None,
+                      instrument_text: str | None = None):
+    """Regenerate one sample from recipe text (e.g. a dataset's ``recipe`` attr).
+
+    Pass the dataset's ``instrument`` attr as ``instrument_text`` to use the stored profile (needed
+    when the recipe names a profile file by a relative path, and immune to later edits of it).
+    """
+    if instrument_text is not None:
+        return pipeline_from_text(recipe_text, instrument_text, seed).generate(index)
     recipe = parse_recipe(recipe_text)
     pipe, _ = build_pipeline(recipe, None, seed)
     return pipe.generate(index)

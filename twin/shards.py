@@ -27,17 +27,17 @@ already there against its checksum, keeps the good ones, regenerates missing or 
 and joins; nothing finished is recomputed.
 
 Joining: a merge, not HDF5 virtual datasets (VDS). Measured by ``bench/scaling.py`` (512x512 SEM
-samples, lz4, 128 samples in 16 shards, 2-core machine, page cache): the raw-chunk merge used here
-(compressed chunks copied with ``read_direct_chunk``/``write_direct_chunk``, no decompression)
-joins ~2,100 samples/s (~970 MB/s), 4.5x faster than decoding and re-encoding (~470/s) and ~1.6 %
-of the time it took to generate the samples; a VDS is built in ~8 ms, but reading it was 2.4x
-slower sequentially (~950 vs ~2,250 samples/s) and 1.25x slower in random order (~1,900 vs
-~2,350), it is thousands of files that must move together (one open handle per shard file
-while reading), and every reader (h5py in the SDK, other HDF5 tools) must resolve the source
-paths. (HDF5 2.0 does map the variable-length ``params`` through a VDS.) The merged file is one
-self-contained file that reads like a single-process run's and holds the same data whatever the
-number of workers. The cost is transient disk space: shards + final file until the shards
-are deleted.
+samples, lz4, 128 samples in 16 shards, 2-core machine, page cache, two runs): the raw-chunk
+merge used here (compressed chunks copied with ``read_direct_chunk``/``write_direct_chunk``, no
+decompression) joins ~2,000-2,100 samples/s (~900-950 MB/s), 4.5-5x faster than decoding and
+re-encoding (~420-450/s) and ~2-2.5 % of the time it took to generate the samples. A VDS is
+built in ~8 ms, but reading it was 2.2-3.8x slower in order (~570-1,040 vs ~2,200-2,300
+samples/s) and 1.2-1.6x slower in random order (~1,400-2,000 vs ~2,300); it is also thousands
+of files that must move together (one open handle per shard file while reading) whose source
+paths every reader (h5py in the SDK, other HDF5 tools) must resolve. (HDF5 2.0 does map the
+variable-length ``params`` through a VDS.) The merged file is one self-contained file that reads
+like a single-process run's and holds the same data whatever the number of workers. The cost
+is transient disk space: shards + final file until the shards are deleted.
 
 Processes and threads: local workers are ``spawn``-ed (``fork`` is unsafe with Numba's thread
 pool) with ``NUMBA_NUM_THREADS``/``OMP_NUM_THREADS``/``OPENBLAS_NUM_THREADS``/``MKL_NUM_THREADS``
@@ -47,6 +47,15 @@ the host)``. Starting a worker (spawn, importing NumPy/SciPy/Numba, loading the 
 costs ~1-1.5 s, once per run: ``workers=1`` (generation in the calling process) is faster for
 runs of a few seconds. A worker exits by itself if its parent dies (e.g. ``SIGKILL``), so no
 orphan keeps writing shards.
+
+Dask clusters: the workers must be able to import emtwin, and (unless ``return_shards``) reach
+the output's directory under the same path. Dask's nanny sets ``MALLOC_TRIM_THRESHOLD_=65536``
+in its workers, which disables glibc's dynamic mmap threshold, so every multi-MB NumPy temporary
+is mmap'd and page-faulted afresh: one 512x512 SEM sample took 32.7 instead of 25.4 ms on one
+thread here (29 % slower). Start emtwin workers with that variable unset, e.g. in the Dask
+config ``distributed: {nanny: {pre-spawn-environ: {MALLOC_TRIM_THRESHOLD_: null}}}`` (or
+``dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None})``
+before creating a ``LocalCluster``).
 """
 
 from __future__ import annotations
@@ -88,6 +97,7 @@ __all__ = [
     "ShardedDataset",
     "THREAD_ENV_VARS",
     "default_shard_size",
+    "file_sha256",
     "generate_sharded",
     "open_sharded",
     "run_shard",
