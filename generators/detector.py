@@ -72,34 +72,10 @@ class DetectorParams:
 
 
 @njit(parallel=True, cache=True)
-def _detect_kernel(signal, dose, gain, readout, offset, vmax, key, out):
-    h, w = signal.shape
-    for r in prange(h):
-        st = stream_start(key, r)
-        z1 = 0.0
-        for c in range(w):
-            lam = dose * signal[r, c]
-            ne, st = poisson(st, lam)
-            v = gain * ne + offset
-            if readout > 0.0:
-                if c % 2 == 0:  # normals come in pairs
-                    z0, z1, st = normal_pair(st)
-                    v += readout * z0
-                else:
-                    v += readout * z1
-            v = np.floor(v + 0.5)
-            if v < 0.0:
-                v = 0.0
-            elif v > vmax:
-                v = vmax
-            out[r, c] = np.uint16(v)
-
-
-@njit(parallel=True, cache=True)
 def _detect_full_kernel(signal, dose, gain, readout, offset, vmax, key, row_off, col_off, lag_a,
                         out):
-    # The basic kernel plus fixed-pattern offsets and detector lag.  It draws the same random
-    # numbers in the same order, so with zero offsets and lag_a = 0 it gives the same bytes.
+    # One row = one random stream.  Zero offsets and lag_a = 0 give the basic Poisson–Gaussian
+    # model (the offsets add exact zeros; the lag branch is skipped).
     h, w = signal.shape
     b = 1.0 - lag_a
     for r in prange(h):
@@ -247,13 +223,6 @@ def detect(
             raise ValueError(f"saturation must be > 0 counts, got {saturation}")
         vmax = min(vmax, float(np.floor(saturation)))
     out = np.empty(sig.shape, dtype=np.uint16)
-    basic = row_offsets is None and col_offsets is None and lag_px == 0
-    if basic:
-        _detect_kernel(
-            sig, float(dose), float(gain), float(readout_sigma), float(offset),
-            vmax, np.uint64(noise_key), out,
-        )
-        return out
     h, w = sig.shape
     rows = np.zeros(h) if row_offsets is None else np.ascontiguousarray(row_offsets, np.float64)
     cols = np.zeros(w) if col_offsets is None else np.ascontiguousarray(col_offsets, np.float64)

@@ -43,11 +43,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from twin.errors import RecipeError
-from twin.recipe import _range_type, format_validation_error
+from twin.recipe import _range_type, validate_yaml
 
 __all__ = ["Instrument", "load_instrument", "shipped_instruments", "parse_instrument"]
 
@@ -226,15 +225,4 @@ def parse_instrument(text: str, source: str = "<instrument>") -> Instrument:
     RecipeError
         Malformed YAML, a non-mapping document, unknown keys or out-of-range values.
     """
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"{source}: malformed YAML in instrument profile: {exc}") from None
-    if not isinstance(data, dict):
-        raise RecipeError(f"{source}: an instrument profile must be a YAML mapping")
-    try:
-        return Instrument.model_validate(data)
-    except ValidationError as exc:
-        msg = format_validation_error(exc, source).replace("invalid recipe",
-                                                           "invalid instrument profile")
-        raise RecipeError(msg) from None
+    return validate_yaml(text, Instrument, source, "instrument profile")

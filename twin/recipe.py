@@ -177,6 +177,32 @@ def format_validation_error(err: ValidationError, source: str) -> str:
     return f"{source}: invalid recipe: " + "; ".join(parts)
 
 
+def validate_yaml(text: str, model: type[BaseModel], source: str, what: str = "recipe"):
+    """Parse YAML ``text`` and validate it with ``model``; every problem → one RecipeError line.
+
+    Parameters
+    ----------
+    text : YAML text
+    model : the pydantic model (e.g. :class:`Recipe`)
+    source : where the text came from (file name), first in the message
+    what : "recipe" or "instrument profile", for the message
+    """
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise RecipeError(f"{source}: malformed YAML{where} in {what}: {problem}") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{source}: a {what} must be a YAML mapping of keys, got {type(data).__name__}")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        msg = format_validation_error(exc, source)
+        raise RecipeError(msg.replace("invalid recipe", f"invalid {what}")) from None
+
+
 def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
     """Validate recipe YAML text.
 
@@ -185,19 +211,7 @@ def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
     RecipeError
         Malformed YAML, a non-mapping document, unknown keys or out-of-range values.
     """
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise RecipeError(f"{source}: malformed YAML{where}: {problem}") from None
-    if not isinstance(data, dict):
-        raise RecipeError(f"{source}: a recipe must be a YAML mapping of keys, got {type(data).__name__}")
-    try:
-        return Recipe.model_validate(data)
-    except ValidationError as exc:
-        raise RecipeError(format_validation_error(exc, source)) from None
+    return validate_yaml(text, Recipe, source, "recipe")
 
 
 def load_recipe(path: str | Path) -> tuple[Recipe, str]:
