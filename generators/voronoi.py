@@ -454,9 +454,103 @@ def _build_tiles(sx, sy, sw, sid, start, nx, ny, hx, hy, lx, ly, periodic, cap, 
     return tstart, xyw, ids, dc
 
 
+@njit(cache=True)
+def _pure_tile_lines(k, tstart, xyw, x0, y0, x1, y1, cap, fill, lines, lmin, pos):
+    """If the closed tile lies inside one cell, return (its candidate index, number of lines).
+
+    The candidate list holds every seed that can be nearest anywhere in the closed tile, so if all
+    four corners have the same strict nearest candidate, the convex power cell contains the tile.
+    Then the boundary distance in the tile is ``min_q (a_q · x + b_q)`` over the radical lines of
+    that seed, affine functions whose minimum over the tile sits at a corner; lines that stay
+    beyond ``cap`` over the whole tile are dropped.  Returns (-1, 0) for a tile cut by a boundary.
+    """
+    a = tstart[k]
+    b = tstart[k + 1]
+    t1 = -1
+    for corner in range(4):
+        cx = x0 if corner % 2 == 0 else x1
+        cy = y0 if corner < 2 else y1
+        best = np.inf
+        second = np.inf
+        bt = -1
+        for t in range(a, b):
+            dx = cx - xyw[t, 0]
+            dy = cy - xyw[t, 1]
+            p = dx * dx + dy * dy - xyw[t, 2]
+            if p < best:
+                second = best
+                best = p
+                bt = t
+            elif p < second:
+                second = p
+        if bt < 0 or not (second - best > 1e-9 * (1.0 + abs(best))):
+            return -1, 0
+        if t1 < 0:
+            t1 = bt
+        elif bt != t1:
+            return -1, 0
+    px = xyw[t1, 0]
+    py = xyw[t1, 1]
+    n = 0
+    for t in range(a, b):
+        ex = xyw[t, 0] - px
+        ey = xyw[t, 1] - py
+        sep = math.sqrt(ex * ex + ey * ey)
+        if t == t1 or sep == 0.0:
+            continue
+        # (π_q(x) − π_1(x)) / (2 |q − p1|) = ax·x + ay·y + c
+        ax = -ex / sep
+        ay = -ey / sep
+        c = (xyw[t, 0] ** 2 + xyw[t, 1] ** 2 - px * px - py * py - xyw[t, 2] + xyw[t1, 2]) / (2.0 * sep)
+        m = min(min(ax * x0 + ay * y0, ax * x1 + ay * y0), min(ax * x0 + ay * y1, ax * x1 + ay * y1)) + c
+        if m >= cap:
+            continue
+        if fill:
+            lines[pos + n, 0] = ax
+            lines[pos + n, 1] = ay
+            lines[pos + n, 2] = c
+            lmin[pos + n] = m - 1e-9 * (1.0 + abs(m))
+        n += 1
+    return t1, n
+
+
+@njit(parallel=True, cache=True)
+def _build_pure(tstart, xyw, tnx, tny, lx, ly, cap):
+    thx = lx / tnx
+    thy = ly / tny
+    nt = tnx * tny
+    pure = np.empty(nt, dtype=np.int64)
+    counts = np.zeros(nt + 1, dtype=np.int64)
+    dummy = np.empty((0, 3))
+    dummy_m = np.empty(0)
+    for k in prange(nt):
+        ty = k // tnx
+        tx = k - ty * tnx
+        t1, n = _pure_tile_lines(k, tstart, xyw, tx * thx, ty * thy, (tx + 1) * thx, (ty + 1) * thy,
+                                 cap, False, dummy, dummy_m, 0)
+        pure[k] = t1
+        counts[k + 1] = n
+    lstart = np.cumsum(counts)
+    lines = np.empty((lstart[-1], 3))
+    lmin = np.empty(lstart[-1])
+    for k in prange(nt):
+        if pure[k] < 0:
+            continue
+        ty = k // tnx
+        tx = k - ty * tnx
+        a = lstart[k]
+        _pure_tile_lines(k, tstart, xyw, tx * thx, ty * thy, (tx + 1) * thx, (ty + 1) * thy,
+                         cap, True, lines, lmin, a)
+        b = lstart[k + 1]
+        order = np.argsort(lmin[a:b], kind="mergesort") + a
+        lines[a:b] = lines[order].copy()
+        lmin[a:b] = lmin[order].copy()
+    return pure, lstart, lines, lmin
+
+
 @njit(parallel=True, cache=True)
 def _tile_kernel(xs, ys, tstart, cxyw, cid, cdc, tnx, tny, lx, ly, periodic, cap,
-                 sx, sy, sw, sid, start, nx, ny, hx, hy, gid, dist):
+                 sx, sy, sw, sid, start, nx, ny, hx, hy, pure, lstart, lines, lmin, gid, dist):
     inv_thx = tnx / lx
     inv_thy = tny / ly
     n = xs.shape[0]
@@ -475,6 +569,18 @@ def _tile_kernel(xs, ys, tstart, cxyw, cid, cdc, tnx, tny, lx, ly, periodic, cap
         tx = min(int(x * inv_thx), tnx - 1)
         ty = min(int(y * inv_thy), tny - 1)
         k = ty * tnx + tx
+        t1 = pure[k]
+        if t1 >= 0:  # the tile lies inside one cell: affine distances to its radical lines
+            bd = cap
+            for t in range(lstart[k], lstart[k + 1]):
+                if lmin[t] >= bd:
+                    break
+                d = lines[t, 0] * x + lines[t, 1] * y + lines[t, 2]
+                if d < bd:
+                    bd = d
+            gid[i] = cid[t1]
+            dist[i] = max(bd, 0.0)
+            continue
         a = tstart[k]
         b = tstart[k + 1]
         best = np.inf
@@ -591,7 +697,8 @@ class Tessellation:
             tstart, xyw, ids, dc = _build_tiles(
                 sx, sy, sw, sid, start, nx, ny, hx, hy, lx, ly, bool(self.periodic), cap, tnx, tny
             )
-            self._tiles[cap] = (tstart, xyw, ids, dc, tnx, tny)
+            pure = _build_pure(tstart, xyw, tnx, tny, lx, ly, cap)
+            self._tiles[cap] = (tstart, xyw, ids, dc, tnx, tny) + pure
         return self._tiles[cap]
 
     @property
@@ -645,7 +752,7 @@ def label_points(
         _label_kernel(xs, ys, sx, sy, sw, sid, start, nx, ny, hx, hy, lx, ly, periodic, cap, gid, dist)
     else:
         tiles = tess._tile_lists(cap)
-        tstart, cxyw, cid, cdc, tnx, tny = tiles
+        tstart, cxyw, cid, cdc, tnx, tny, pure, lstart, lines, lmin = tiles
         _tile_kernel(xs, ys, tstart, cxyw, cid, cdc, tnx, tny, lx, ly, periodic, cap,
-                     sx, sy, sw, sid, start, nx, ny, hx, hy, gid, dist)
+                     sx, sy, sw, sid, start, nx, ny, hx, hy, pure, lstart, lines, lmin, gid, dist)
     return gid.reshape(x.shape), dist.reshape(x.shape)
