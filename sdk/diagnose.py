@@ -91,6 +91,31 @@ def _score(logits: torch.Tensor, target_class: int, region: torch.Tensor | None,
     return (z * region.to(z.dtype)).flatten(1).sum(1)
 
 
+def _score_backward(model: nn.Module, images: Any, target_class: int, region: Any,
+                    device: str | torch.device | None, score: str) -> torch.Tensor:
+    """Forward ``images`` in eval mode and backpropagate the summed class score.
+
+    Returns the input batch (its ``.grad`` set); the model's train/eval mode is restored.
+    """
+    device = torch.device(device) if device is not None else next(
+        (p.device for p in model.parameters()), torch.device("cpu"))
+    x = _as_batch(images, device).requires_grad_(True)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.enable_grad():
+            logits = model(x)
+            reg = None if region is None else torch.as_tensor(np.asarray(region, dtype=bool), device=device)
+            if reg is not None and reg.dim() == 2:
+                reg = reg[None]
+            total = _score(logits.float(), target_class, reg, score).sum()
+            model.zero_grad(set_to_none=True)
+            total.backward()
+    finally:
+        model.train(was_training)
+    return x
+
+
 def gradcam(model: nn.Module, images: Any, target_class: int = 1, layer: str | nn.Module | None = None,
             region: Any = None, device: str | torch.device | None = None, score: str = "logprob") -> np.ndarray:
     """Grad-CAM maps at the input's resolution.
@@ -118,9 +143,6 @@ def gradcam(model: nn.Module, images: Any, target_class: int = 1, layer: str | n
     ndarray (B, H, W) float32
         Non-negative maps (ReLU of the gradient-weighted activations), bilinearly upsampled.
     """
-    device = torch.device(device) if device is not None else next(
-        (p.device for p in model.parameters()), torch.device("cpu"))
-    x = _as_batch(images, device).requires_grad_(True)
     target = _resolve_layer(model, layer)
     store: dict[str, torch.Tensor] = {}
 
@@ -130,20 +152,10 @@ def gradcam(model: nn.Module, images: Any, target_class: int = 1, layer: str | n
         store["a"] = t
 
     handle = target.register_forward_hook(hook)
-    was_training = model.training
-    model.eval()
     try:
-        with torch.enable_grad():
-            logits = model(x)
-            reg = None if region is None else torch.as_tensor(np.asarray(region, dtype=bool), device=device)
-            if reg is not None and reg.dim() == 2:
-                reg = reg[None]
-            total = _score(logits.float(), target_class, reg, score).sum()
-            model.zero_grad(set_to_none=True)
-            total.backward()
+        x = _score_backward(model, images, target_class, region, device, score)
     finally:
         handle.remove()
-        model.train(was_training)
     a = store.get("a")
     if a is None or a.grad is None:
         raise DiagnoseError("the chosen layer took no part in the forward pass (no activations/gradients)")
@@ -156,20 +168,7 @@ def gradcam(model: nn.Module, images: Any, target_class: int = 1, layer: str | n
 def input_gradient(model: nn.Module, images: Any, target_class: int = 1, region: Any = None,
                    device: str | torch.device | None = None, score: str = "logprob") -> np.ndarray:
     """Vanilla saliency: ``|d score / d image|``, maximum over channels, ``(B, H, W)``."""
-    device = torch.device(device) if device is not None else next(
-        (p.device for p in model.parameters()), torch.device("cpu"))
-    x = _as_batch(images, device).requires_grad_(True)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.enable_grad():
-            logits = model(x)
-            reg = None if region is None else torch.as_tensor(np.asarray(region, dtype=bool), device=device)
-            if reg is not None and reg.dim() == 2:
-                reg = reg[None]
-            _score(logits.float(), target_class, reg, score).sum().backward()
-    finally:
-        model.train(was_training)
+    x = _score_backward(model, images, target_class, region, device, score)
     return x.grad.abs().amax(1).cpu().numpy().astype(np.float32)
 
 
