@@ -124,10 +124,10 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
     recipe, _ = load_recipe(args.recipe)
     pipe, _ = build_pipeline(recipe, Path(args.recipe).parent)
-    h, w = recipe.size
-    print(f"{args.recipe}: valid recipe '{recipe.name}': {recipe.samples} samples of {h}x{w} px "
+    shape = "x".join(str(x) for x in pipe.image_shape)
+    print(f"{args.recipe}: valid recipe '{recipe.name}': {recipe.samples} samples of {shape} px "
           f"from {recipe.specimens} specimens, instrument {pipe.instrument.name}, "
-          f"labels {', '.join(recipe.labels.names)}")
+          f"labels {', '.join(pipe.label_specs)}")
     return 0
 
 

@@ -12,14 +12,27 @@ from twin.pipeline import SEMGrainPipeline
 from twin.recipe import Recipe, load_recipe, parse_recipe, recipe_sha256
 from twin.shards import RunSpec, default_shard_size, generate_sharded
 
-__all__ = ["build_pipeline", "generate_dataset", "pipeline_from_text", "run_spec"]
+__all__ = ["build_pipeline", "generate_dataset", "make_pipeline", "pipeline_from_text", "run_spec"]
+
+
+def make_pipeline(recipe, instrument, seed: int | None = None):
+    """The pipeline object a recipe model names in its ``pipeline`` class attribute.
+
+    A pipeline has ``generate(i) -> Sample``, ``label_specs``, ``root_seed``, ``instrument``,
+    ``image_shape`` ((H, W) or (H, W, C)) and ``image_dtype``.
+    """
+    import importlib
+
+    path = getattr(type(recipe), "pipeline", "twin.pipeline:SEMGrainPipeline")
+    module, cls = path.split(":")
+    return getattr(importlib.import_module(module), cls)(recipe, instrument, root_seed=seed)
 
 
 def build_pipeline(recipe: Recipe, recipe_dir: Path | None = None,
                    seed: int | None = None) -> tuple[SEMGrainPipeline, str]:
     """Pipeline for a validated recipe, and the instrument profile text."""
     instrument, instrument_text = load_instrument(recipe.instrument, base_dir=recipe_dir)
-    return SEMGrainPipeline(recipe, instrument, root_seed=seed), instrument_text
+    return make_pipeline(recipe, instrument, seed), instrument_text
 
 
 def pipeline_from_text(recipe_text: str, instrument_text: str,
@@ -30,7 +43,7 @@ def pipeline_from_text(recipe_text: str, instrument_text: str,
     """
     recipe = parse_recipe(recipe_text)
     instrument = parse_instrument(instrument_text, "instrument profile text")
-    return SEMGrainPipeline(recipe, instrument, root_seed=seed)
+    return make_pipeline(recipe, instrument, seed)
 
 
 def run_spec(recipe_path: str | os.PathLike, *, n: int | None = None, seed: int | None = None,
@@ -54,16 +67,15 @@ def run_spec(recipe_path: str | os.PathLike, *, n: int | None = None, seed: int 
         "instrument_name": pipe.instrument.name,
         "pixel_size": recipe.pixel_size.value,
         "pixel_size_unit": recipe.pixel_size.unit,
-        "generator": "sem-voronoi-grains",
+        "generator": getattr(pipe, "generator_name", "sem-voronoi-grains"),
         "samples_per_specimen": recipe.samples_per_specimen,
     }
-    h, w = recipe.size
     return RunSpec(
         recipe_text=text, instrument_text=instrument_text, seed=pipe.root_seed,
         n_samples=n_samples,
         shard_size=int(shard_size) if shard_size is not None else default_shard_size(n_samples),
         compression=compression or recipe.output.compression,
-        image_shape=(h, w), image_dtype="uint16", labels=pipe.label_specs, attrs=attrs,
+        image_shape=tuple(pipe.image_shape), image_dtype=str(pipe.image_dtype), labels=pipe.label_specs, attrs=attrs,
     )
 
 

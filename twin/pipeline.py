@@ -124,6 +124,14 @@ class SEMGrainPipeline:
         self.distance_cap = max(self.contrast.reach_px(), 0.5 * self.label_width) + 1.0
         self._cache: tuple[int, Tessellation, np.ndarray, dict] | None = None
 
+    generator_name = "sem-voronoi-grains"
+    image_dtype = "uint16"
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        """Shape of one image: (H, W)."""
+        return tuple(self.recipe.size)
+
     @property
     def label_specs(self) -> dict[str, LabelSpec]:
         return {n: LABEL_SPECS[n] for n in self.label_names}

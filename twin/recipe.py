@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import math
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -121,6 +121,9 @@ class Output(_Strict):
 class Recipe(_Strict):
     """A generation recipe (see ``recipes/sem_voronoi_grains.yaml`` for every key, commented)."""
 
+    #: "module:Class" of the pipeline that renders this recipe (see twin.generate.make_pipeline)
+    pipeline: ClassVar[str] = "twin.pipeline:SEMGrainPipeline"
+
     name: str = Field(min_length=1, max_length=200)
     size: tuple[int, int] = Field(description="image (H, W) in px")
     pixel_size: PixelSize = PixelSize(value=20.0, unit="nm")
@@ -203,15 +206,45 @@ def validate_yaml(text: str, model: type[BaseModel], source: str, what: str = "r
         raise RecipeError(msg.replace("invalid recipe", f"invalid {what}")) from None
 
 
-def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
-    """Validate recipe YAML text.
+#: specimen.kind → "module:Class" of the recipe model for kinds that are not grain specimens.
+#: Every kind not listed here is validated by :class:`Recipe` (whose schema names the grain kinds).
+RECIPE_KINDS: dict[str, str] = {
+    "atomic-nanoparticles": "twin.recipe_tem:AtomicTEMRecipe",        # HRTEM / STEM via abTEM
+    "mesoscale-nanoparticles": "twin.recipe_bftem:BFTEMRecipe",      # mesoscale bright-field TEM
+}
+
+
+def recipe_model(text: str) -> type[BaseModel]:
+    """The recipe model class for a recipe text, chosen by its ``specimen.kind``."""
+    import importlib
+
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return Recipe  # validate_yaml reports the YAML error
+    kind = None
+    if isinstance(data, dict) and isinstance(data.get("specimen"), dict):
+        kind = data["specimen"].get("kind")
+    path = RECIPE_KINDS.get(kind) if isinstance(kind, str) else None
+    if path is None:
+        return Recipe
+    module, cls = path.split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def parse_recipe(text: str, source: str = "<recipe>"):
+    """Validate recipe YAML text with the model its ``specimen.kind`` selects.
+
+    Returns
+    -------
+    Recipe, or the model registered in :data:`RECIPE_KINDS` for the specimen kind.
 
     Raises
     ------
     RecipeError
         Malformed YAML, a non-mapping document, unknown keys or out-of-range values.
     """
-    return validate_yaml(text, Recipe, source, "recipe")
+    return validate_yaml(text, recipe_model(text), source, "recipe")
 
 
 def load_recipe(path: str | Path) -> tuple[Recipe, str]:
