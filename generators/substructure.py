@@ -1,0 +1,821 @@
+"""Grain interiors: exact cell polygons, sub-grains (low-angle boundaries) and orientation gradients.
+
+**Cell polygons.**  :func:`cell_polygons` turns a :class:`~generators.voronoi.Tessellation` into
+one convex polygon per seed by clipping a box with the radical half-planes
+``π_p(u) ≤ π_q(u)`` of neighbouring seeds (and, for periodic specimens, of periodic images,
+including the seed's own).  Neighbours come nearest first; the clipping stops once a certificate
+proves that no unvisited seed can cut the polygon: with weights shifted to ``w ≤ 0`` a seed at
+distance ``≥ D`` has its radical line at distance ``≥ (D² + w_p) / (2D)`` from ``p``, so the
+polygon is final when that bound exceeds its farthest vertex.  Every edge carries the index of the
+neighbour seed whose radical line it lies on (``-1``: the clip box of a non-periodic specimen).
+A periodic cell lies inside ``p ± L/2`` (bisectors with its own images), so its polygon is given
+in the frame of the seed: a point ``x`` is brought to it by the minimum image ``p + [x − p]``.
+
+**Sub-grains.**  Sub-seeds are drawn uniformly over the specimen (a Poisson number, a mean of
+``subgrains_per_grain`` per grain) and each is assigned to the grain containing it.  A point of
+grain ``g`` belongs to the nearest sub-seed among those of ``g``; sub-grain ``i`` is therefore the
+convex polygon ``C_i ∩ P_g`` (``C_i``: the Voronoi cell of sub-seed ``i`` among the sub-seeds of
+``g``, ``P_g``: the grain), so sub-grains never cross grain boundaries.  (On a periodic specimen
+distances are taken in the frame of the grain's polygon; this equals the minimum-image nearest
+sub-seed whenever a grain is smaller than about half the specimen.)  The low-angle boundaries
+are the edges of these polygons that lie on sub-seed bisectors.  A segment from a point of
+sub-grain ``i`` to any sub-boundary point stays in the convex ``P_g`` and must leave ``C_i ∩ P_g``
+through one of its bisector edges, so the exact distance to the nearest sub-grain boundary inside
+the grain is the distance to the bisector edges of the point's own sub-grain polygon — what
+:meth:`SubgrainStructure.label` returns (``inf`` in a grain with one sub-grain).  A grain without
+sub-seeds is one sub-grain (with no seed).  Signal: each sub-grain's intensity is its parent's
+times ``(1 + δ_i)`` and a faint groove darkens the sub-boundaries,
+
+    factor = (1 + δ_i) · (1 − depth · exp(−d_sub² / (2 σ²))),   σ = FWHM / (2 √(2 ln 2)).
+
+**Orientation gradients.**  A lattice rotation across a grain gives a smooth change of channelling
+yield.  Each grain gets a gradient vector ``G_g`` (relative intensity per px, uniform direction,
+magnitude ``amplitude / spacing`` with ``spacing = sqrt(area / n_grains)``), and the signal is
+multiplied by ``max(1 + G_g · (x − p_g), 0)`` with ``x − p_g`` the (minimum-image) position relative
+to the grain's seed — linear in the specimen coordinates, evaluated at the same coordinates as the
+labels.
+
+Per-pixel kernels work on independent pixels, or (sub-grain labels, for row coherence) on
+fixed-size runs of consecutive pixels, in ``prange``: results do not depend on the thread count.  Units: px of the specimen (nominal pixel grid), intensities relative.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+from numba import njit, prange
+from scipy.spatial import cKDTree
+
+from generators.voronoi import Tessellation
+
+__all__ = [
+    "CellPolygons",
+    "cell_polygons",
+    "Subgrains",
+    "SubgrainStructure",
+    "SubgrainParams",
+    "build_subgrains",
+    "subgrain_factor",
+    "OrientationGradients",
+    "GradientField",
+    "FWHM_TO_SIGMA",
+]
+
+FWHM_TO_SIGMA = 1.0 / (2.0 * math.sqrt(2.0 * math.log(2.0)))
+
+
+def _check_range(name: str, r, lo: float = 0.0, hi: float = math.inf) -> None:
+    if len(r) != 2 or not (lo <= r[0] <= r[1] <= hi):
+        raise ValueError(f"{name} must be a (low, high) range within [{lo}, {hi}], got {r}")
+
+
+def _coords(x: np.ndarray, y: np.ndarray, grain_id: np.ndarray | None = None):
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    if x.shape != y.shape:
+        raise ValueError(f"x and y must have the same shape, got {x.shape} and {y.shape}")
+    xs = np.ascontiguousarray(x.ravel())
+    ys = np.ascontiguousarray(y.ravel())
+    if not (np.all(np.isfinite(xs)) and np.all(np.isfinite(ys))):
+        raise ValueError("coordinates must be finite")
+    if grain_id is None:
+        return x.shape, xs, ys
+    g = np.asarray(grain_id)
+    if g.shape != x.shape:
+        raise ValueError(f"grain_id must have the shape of x {x.shape}, got {g.shape}")
+    return x.shape, xs, ys, np.ascontiguousarray(g.ravel(), dtype=np.int32)
+
+
+# --------------------------------------------------------------------------------------------
+# convex polygon clipping
+# --------------------------------------------------------------------------------------------
+@njit(cache=True)
+def _clip(vx, vy, ve, nv, a, b, c, lab, ox, oy, oe):
+    """Clip a convex polygon to ``a x + b y ≤ c``; edge ``i`` runs from vertex i to i+1 with label
+    ``ve[i]``; the new edge along the line gets ``lab``.  Returns the new vertex count."""
+    m = 0
+    for i in range(nv):
+        j = i + 1 if i + 1 < nv else 0
+        fi = a * vx[i] + b * vy[i] - c
+        fj = a * vx[j] + b * vy[j] - c
+        if fi <= 0.0:
+            ox[m] = vx[i]
+            oy[m] = vy[i]
+            oe[m] = ve[i]
+            m += 1
+            if fj > 0.0:  # leaving: the exit point starts the new edge
+                t = fi / (fi - fj)
+                ox[m] = vx[i] + t * (vx[j] - vx[i])
+                oy[m] = vy[i] + t * (vy[j] - vy[i])
+                oe[m] = lab
+                m += 1
+        elif fj <= 0.0:  # entering: the entry point continues edge i
+            t = fi / (fi - fj)
+            ox[m] = vx[i] + t * (vx[j] - vx[i])
+            oy[m] = vy[i] + t * (vy[j] - vy[i])
+            oe[m] = ve[i]
+            m += 1
+    return m
+
+
+@njit(cache=True, inline="always")
+def _certified(d, wp, ax, ay, n):
+    """No seed at distance ≥ d (weight ≤ 0) can cut the polygon (vertices relative to the seed)."""
+    if n == 0 or d == np.inf:
+        return True
+    if not d > 0.0:
+        return False
+    rmax = 0.0
+    for v in range(n):
+        rmax = max(rmax, math.sqrt(ax[v] * ax[v] + ay[v] * ay[v]))
+    return (d * d + wp) / (2.0 * d) >= rmax
+
+
+@njit(parallel=True, cache=True)
+def _cells_kernel(px, py, pw, todo, cx, cy, cw, cid, cd, dbound, box, cap, vx, vy, ve, nv, ok):
+    """Power cells of seeds ``todo[t]`` (candidate rows ``t``, sorted by distance): clip the box
+    until the certificate holds (``ok[t]``) or the candidates run out."""
+    k_all = cx.shape[1]
+    for t in prange(todo.shape[0]):
+        i = todo[t]
+        ax = np.empty(cap)
+        ay = np.empty(cap)
+        ae = np.empty(cap, dtype=np.int32)
+        bx = np.empty(cap)
+        by = np.empty(cap)
+        be = np.empty(cap, dtype=np.int32)
+        # polygon in coordinates relative to the seed
+        ax[0] = box[i, 0]
+        ay[0] = box[i, 1]
+        ax[1] = box[i, 2]
+        ay[1] = box[i, 1]
+        ax[2] = box[i, 2]
+        ay[2] = box[i, 3]
+        ax[3] = box[i, 0]
+        ay[3] = box[i, 3]
+        for e in range(4):
+            ae[e] = -1
+        n = 4
+        done = False
+        for k in range(k_all):
+            if _certified(cd[t, k], pw[i], ax, ay, n):
+                done = True
+                break
+            ex = cx[t, k] - px[i]
+            ey = cy[t, k] - py[i]
+            sep2 = ex * ex + ey * ey
+            if sep2 == 0.0:
+                continue  # the seed itself (or an exact duplicate: no radical line)
+            # π_p(u) ≤ π_q(u)  ⇔  2 u·e ≤ |e|² − w_q + w_p   (u relative to p)
+            n = _clip(ax, ay, ae, n, 2.0 * ex, 2.0 * ey, sep2 - cw[t, k] + pw[i], cid[t, k],
+                      bx, by, be)
+            ax, bx = bx, ax
+            ay, by = by, ay
+            ae, be = be, ae
+        if not done:
+            done = _certified(dbound[t], pw[i], ax, ay, n)
+        ok[t] = done
+        nv[t] = n
+        for v in range(n):
+            vx[t, v] = ax[v] + px[i]
+            vy[t, v] = ay[v] + py[i]
+            ve[t, v] = ae[v]
+
+
+@dataclass(frozen=True, eq=False)
+class CellPolygons:
+    """Convex cell polygons of a tessellation (CSR layout).
+
+    Attributes
+    ----------
+    vertices : ndarray (M, 2) float64
+        Vertices ``(x, y)`` in px, counter-clockwise, cell ``i`` owning rows
+        ``start[i]:start[i+1]``; periodic cells in the frame of their seed (may stick out of
+        ``[0, L)``).
+    edge_neighbour : ndarray (M,) int32
+        Edge from vertex ``v`` to the next vertex of its cell lies on the radical line with this
+        seed (a periodic image of it); ``-1`` on the clip box of a non-periodic specimen.
+    start : ndarray (n + 1,) int64
+    origins : ndarray (n, 2) float64
+        The seeds: the frame of each cell (minimum image of a point relative to its seed).
+    extent : (Lx, Ly)
+    periodic : bool
+    """
+
+    vertices: np.ndarray
+    edge_neighbour: np.ndarray
+    start: np.ndarray
+    origins: np.ndarray
+    extent: tuple[float, float]
+    periodic: bool
+
+    @property
+    def n_cells(self) -> int:
+        return int(self.start.shape[0] - 1)
+
+    def polygon(self, i: int) -> np.ndarray:
+        """Vertices of cell ``i``, shape (k, 2), px."""
+        return self.vertices[self.start[i]:self.start[i + 1]]
+
+    def areas(self) -> np.ndarray:
+        """Cell areas (n,) in px² (shoelace formula)."""
+        out = np.zeros(self.n_cells)
+        for i in range(self.n_cells):
+            v = self.polygon(i)
+            if len(v) >= 3:
+                x, y = v[:, 0], v[:, 1]
+                out[i] = 0.5 * abs(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1)))
+        return out
+
+    def to_frame(self, i: np.ndarray, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Bring points into the frame of cells ``i`` (minimum image relative to the seed)."""
+        if not self.periodic:
+            return np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+        lx, ly = self.extent
+        dx = np.asarray(x, dtype=np.float64) - self.origins[i, 0]
+        dy = np.asarray(y, dtype=np.float64) - self.origins[i, 1]
+        return (self.origins[i, 0] + dx - lx * np.round(dx / lx),
+                self.origins[i, 1] + dy - ly * np.round(dy / ly))
+
+
+def cell_polygons(tess: Tessellation, first_candidates: int = 16) -> CellPolygons:
+    """Exact convex polygons of every cell of ``tess`` (see module docstring).
+
+    Parameters
+    ----------
+    tess : Tessellation
+    first_candidates : int
+        Neighbours tried first per cell (doubled for cells whose certificate fails; a speed knob).
+
+    Returns
+    -------
+    CellPolygons
+        Non-periodic specimens are clipped to the box ``[−M, Lx + M] × [−M, Ly + M]``,
+        ``M = max(Lx, Ly)`` (edges labelled ``-1``); empty Laguerre cells have no vertices.
+    """
+    if first_candidates < 1:
+        raise ValueError(f"first_candidates must be >= 1, got {first_candidates}")
+    seeds = tess.seeds
+    n = tess.n_seeds
+    lx, ly = tess.extent
+    w = np.zeros(n) if tess.weights is None else tess.weights - tess.weights.max()
+    periodic = bool(tess.periodic)
+    m_img = 1 if periodic else 0
+    while True:
+        shifts = np.array([(a * lx, b * ly) for a in range(-m_img, m_img + 1)
+                           for b in range(-m_img, m_img + 1)])
+        pts = (seeds[None, :, :] + shifts[:, None, :]).reshape(-1, 2)
+        pid = np.tile(np.arange(n, dtype=np.int32), len(shifts))
+        pw = np.tile(w, len(shifts))
+        tree = cKDTree(pts)
+        total = pts.shape[0]
+        # unvisited points outside the replicas lie at least this far from any seed in [0, L)
+        beyond = m_img * min(lx, ly) if periodic else np.inf
+        if periodic:
+            half = np.array([lx, ly])  # the cell lies in p ± L/2; start from p ± L
+            box = np.tile(np.r_[-half, half], (n, 1))
+        else:
+            mrg = max(lx, ly)
+            box = np.c_[-mrg - seeds[:, 0], -mrg - seeds[:, 1],
+                        lx + mrg - seeds[:, 0], ly + mrg - seeds[:, 1]]
+        todo = np.arange(n)
+        k = min(first_candidates + 1, total)
+        result_v = [None] * n
+        result_e = [None] * n
+        while todo.size:
+            kk = min(k + 1, total)
+            dist, idx = tree.query(seeds[todo], k=kk)
+            dist = np.atleast_2d(dist).reshape(len(todo), kk)
+            idx = np.atleast_2d(idx).reshape(len(todo), kk)
+            use = min(k, total)
+            dbound = dist[:, use] if use < kk else np.full(len(todo), beyond)
+            dbound = np.ascontiguousarray(np.minimum(dbound, beyond))
+            sel = idx[:, :use]
+            cap = 4 + use + 1
+            nt = len(todo)
+            vx = np.zeros((nt, cap))
+            vy = np.zeros((nt, cap))
+            ve = np.zeros((nt, cap), dtype=np.int32)
+            nv = np.zeros(nt, dtype=np.int64)
+            ok = np.zeros(nt, dtype=np.bool_)
+            _cells_kernel(seeds[:, 0].copy(), seeds[:, 1].copy(), w, todo.astype(np.int64),
+                          np.ascontiguousarray(pts[sel, 0]), np.ascontiguousarray(pts[sel, 1]),
+                          np.ascontiguousarray(pw[sel]), np.ascontiguousarray(pid[sel]),
+                          np.ascontiguousarray(dist[:, :use]), dbound, box, cap, vx, vy, ve, nv, ok)
+            for t in np.nonzero(ok)[0]:
+                i = todo[t]
+                result_v[i] = np.c_[vx[t, :nv[t]], vy[t, :nv[t]]]
+                result_e[i] = ve[t, :nv[t]].copy()
+            todo = todo[~ok]
+            if use >= total:
+                break
+            k = min(2 * k, total)
+        if todo.size == 0:
+            break
+        m_img += 1  # periodic only: more images needed (very few or very unequal cells)
+        if not periodic or m_img > 8:
+            raise ValueError("could not certify the cell polygons (degenerate tessellation)")
+    counts = np.array([len(e) for e in result_e], dtype=np.int64)
+    start = np.zeros(n + 1, dtype=np.int64)
+    start[1:] = np.cumsum(counts)
+    verts = np.concatenate(result_v) if start[-1] else np.zeros((0, 2))
+    edges = np.concatenate(result_e).astype(np.int32) if start[-1] else np.zeros(0, np.int32)
+    return CellPolygons(vertices=np.ascontiguousarray(verts), edge_neighbour=edges, start=start,
+                        origins=seeds.copy(), extent=(lx, ly), periodic=periodic)
+
+
+# --------------------------------------------------------------------------------------------
+# sub-grains
+# --------------------------------------------------------------------------------------------
+@njit(parallel=True, cache=True)
+def _subcells_kernel(sub_xy, sub_parent, gstart, cvx, cvy, cstart, cap, vx, vy, ve, nv):
+    """Polygon ``C_i ∩ P_g`` of every sub-seed ``i`` (edge label: the other sub-seed, or −1)."""
+    m = sub_xy.shape[0]
+    for i in prange(m):
+        g = sub_parent[i]
+        a0 = cstart[g]
+        n = cstart[g + 1] - a0
+        ax = np.empty(cap)
+        ay = np.empty(cap)
+        ae = np.empty(cap, dtype=np.int32)
+        bx = np.empty(cap)
+        by = np.empty(cap)
+        be = np.empty(cap, dtype=np.int32)
+        sx = sub_xy[i, 0]
+        sy = sub_xy[i, 1]
+        for v in range(n):
+            ax[v] = cvx[a0 + v] - sx
+            ay[v] = cvy[a0 + v] - sy
+            ae[v] = -1
+        for q in range(gstart[g], gstart[g + 1]):
+            if q == i or n == 0:
+                continue
+            ex = sub_xy[q, 0] - sx
+            ey = sub_xy[q, 1] - sy
+            sep2 = ex * ex + ey * ey
+            if sep2 == 0.0:
+                continue
+            n = _clip(ax, ay, ae, n, 2.0 * ex, 2.0 * ey, sep2, q, bx, by, be)
+            ax, bx = bx, ax
+            ay, by = by, ay
+            ae, be = be, ae
+        nv[i] = n
+        for v in range(n):
+            vx[i, v] = ax[v] + sx
+            vy[i, v] = ay[v] + sy
+            ve[i, v] = ae[v]
+
+
+@njit(cache=True, inline="always")
+def _seg_dist2(x, y, x0, y0, x1, y1):
+    """Squared distance from (x, y) to the segment (x0, y0)–(x1, y1)."""
+    ex = x1 - x0
+    ey = y1 - y0
+    l2 = ex * ex + ey * ey
+    t = 0.0
+    if l2 > 0.0:
+        t = min(max(((x - x0) * ex + (y - y0) * ey) / l2, 0.0), 1.0)
+    dx = x - (x0 + t * ex)
+    dy = y - (y0 + t * ey)
+    return dx * dx + dy * dy
+
+
+_CHUNK = 128  # pixels labelled in sequence (row coherence); fixed, so any thread count agrees
+
+
+@njit(parallel=True, cache=True)
+def _sub_label_kernel(xs, ys, gid, ox, oy, lx, ly, periodic, gstart, sx, sy, whole_id,
+                      seg, seg_nb, sstart, cap, out_id, out_d):
+    """Nearest sub-seed of the point's grain and distance to that sub-grain's bisector edges.
+
+    Consecutive pixels mostly share a sub-grain: the previous pixel's sub-seed is kept when it
+    is strictly nearer than every sub-seed across its polygon's bisector edges (which then proves
+    it the nearest of the grain); otherwise all sub-seeds of the grain are compared."""
+    n = xs.shape[0]
+    for c in prange((n + _CHUNK - 1) // _CHUNK):
+        prev_g = -1
+        prev_b = -1
+        for i in range(c * _CHUNK, min(n, (c + 1) * _CHUNK)):
+            g = gid[i]
+            x = xs[i]
+            y = ys[i]
+            if periodic:  # minimum image relative to the grain's seed: the frame of its polygon
+                dx = x - ox[g]
+                dy = y - oy[g]
+                x = ox[g] + dx - lx * math.floor(dx / lx + 0.5)
+                y = oy[g] + dy - ly * math.floor(dy / ly + 0.5)
+            a = gstart[g]
+            b = gstart[g + 1]
+            if b == a:
+                out_id[i] = whole_id[g]
+                out_d[i] = cap
+                prev_g = -1
+                continue
+            bi = -1
+            if g == prev_g:
+                dx = x - sx[prev_b]
+                dy = y - sy[prev_b]
+                best = dx * dx + dy * dy
+                keep = True
+                for s in range(sstart[prev_b], sstart[prev_b + 1]):
+                    q = seg_nb[s]
+                    dx = x - sx[q]
+                    dy = y - sy[q]
+                    if not best < dx * dx + dy * dy:
+                        keep = False
+                        break
+                if keep:
+                    bi = prev_b
+            if bi < 0:
+                best = np.inf
+                bi = a
+                for q in range(a, b):
+                    dx = x - sx[q]
+                    dy = y - sy[q]
+                    d2 = dx * dx + dy * dy
+                    if d2 < best:
+                        best = d2
+                        bi = q
+            d2 = np.inf
+            for s in range(sstart[bi], sstart[bi + 1]):
+                v = _seg_dist2(x, y, seg[s, 0], seg[s, 1], seg[s, 2], seg[s, 3])
+                if v < d2:
+                    d2 = v
+            out_id[i] = bi
+            out_d[i] = min(math.sqrt(d2), cap)
+            prev_g = g
+            prev_b = bi
+
+
+@dataclass(frozen=True, eq=False)
+class SubgrainStructure:
+    """Drawn sub-grains of one specimen (frozen; a specimen property).
+
+    Sub-grain ids: ``0 … n_seeded − 1`` are the sub-seeds (sorted by parent grain, grain ``g``
+    owning ``grain_start[g]:grain_start[g+1]``); a grain without sub-seeds is one sub-grain with
+    id ``n_seeded + g``.
+
+    Attributes
+    ----------
+    seeds : ndarray (n_seeded, 2) float64
+        Sub-seed positions in px, in the frame of their parent cell.
+    parent : ndarray (n_subgrains,) int32
+        Parent grain of every sub-grain id.
+    delta : ndarray (n_subgrains,) float64
+        Relative intensity change ``δ`` of every sub-grain (0 for undivided grains).
+    grain_start : ndarray (n_grains + 1,) int64
+    segments : ndarray (S, 4) float64
+        Sub-boundary segments ``(x0, y0, x1, y1)`` in px, sub-seed ``i`` owning rows
+        ``segment_start[i]:segment_start[i+1]`` (the bisector edges of its polygon).
+    segment_start : ndarray (n_seeded + 1,) int64
+    segment_neighbour : ndarray (S,) int64
+        The other sub-seed of each segment's bisector.
+    polygons : CellPolygons
+        The parent grains.
+    params : dict
+        Drawn specimen parameters (JSON-ready).
+    """
+
+    seeds: np.ndarray
+    parent: np.ndarray
+    delta: np.ndarray
+    grain_start: np.ndarray
+    segments: np.ndarray
+    segment_start: np.ndarray
+    segment_neighbour: np.ndarray
+    polygons: CellPolygons
+    params: dict = field(default_factory=dict)
+
+    @property
+    def n_seeded(self) -> int:
+        """Number of sub-seeds (seeded sub-grains)."""
+        return int(self.seeds.shape[0])
+
+    def to_dict(self) -> dict:
+        """Drawn specimen parameters (JSON-ready)."""
+        return dict(self.params)
+
+    @property
+    def n_subgrains(self) -> int:
+        """Number of sub-grain ids (sub-seeds plus one whole-grain id per grain)."""
+        return int(self.parent.shape[0])
+
+    def label(self, x: np.ndarray, y: np.ndarray, grain_id: np.ndarray,
+              max_distance: float = np.inf) -> tuple[np.ndarray, np.ndarray]:
+        """Sub-grain id and exact distance to the nearest sub-grain boundary inside the grain.
+
+        Parameters
+        ----------
+        x, y : ndarray, any shape, float
+            Specimen coordinates in px (the same ones the grains were labelled at).
+        grain_id : ndarray, int, shape of ``x``
+            Parent grain ids from ``Tessellation.label`` at these coordinates.
+        max_distance : float
+            Cap on the returned distance in px (``inf``: uncapped; grains with one sub-grain
+            return the cap).
+
+        Returns
+        -------
+        subgrain_id : ndarray int32, shape of ``x``
+        distance : ndarray float32, shape of ``x``, px
+        """
+        if not (max_distance > 0):
+            raise ValueError(f"max_distance must be > 0 px, got {max_distance}")
+        shape, xs, ys, g = _coords(x, y, grain_id)
+        ng = self.polygons.n_cells
+        if g.size and (g.min() < 0 or g.max() >= ng):
+            raise ValueError(f"grain ids must lie in [0, {ng}), got [{g.min()}, {g.max()}]")
+        lx, ly = self.polygons.extent
+        whole = np.arange(ng, dtype=np.int64) + self.n_seeded
+        out_id = np.empty(xs.shape[0], dtype=np.int32)
+        out_d = np.empty(xs.shape[0], dtype=np.float32)
+        o = self.polygons.origins
+        _sub_label_kernel(xs, ys, g, np.ascontiguousarray(o[:, 0]), np.ascontiguousarray(o[:, 1]),
+                          lx, ly, self.polygons.periodic, self.grain_start,
+                          np.ascontiguousarray(self.seeds[:, 0]),
+                          np.ascontiguousarray(self.seeds[:, 1]), whole, self.segments,
+                          self.segment_neighbour, self.segment_start,
+                          float(max_distance), out_id, out_d)
+        return out_id.reshape(shape), out_d.reshape(shape)
+
+
+def build_subgrains(tess: Tessellation, sub_seeds: np.ndarray, delta: np.ndarray | None = None,
+                    polygons: CellPolygons | None = None, params: dict | None = None
+                    ) -> SubgrainStructure:
+    """Sub-grain structure from given sub-seed positions (the deterministic half of sampling).
+
+    Parameters
+    ----------
+    tess : Tessellation
+        The grains.
+    sub_seeds : ndarray (m, 2) float64
+        Sub-seed positions in px inside ``[0, Lx) × [0, Ly)``; each goes to the grain containing it.
+    delta : ndarray (m,), optional
+        Relative intensity change of each sub-seed's sub-grain (default 0).
+    polygons : CellPolygons, optional
+        ``cell_polygons(tess)`` if already computed.
+    params : dict, optional
+        Stored with the structure.
+
+    Returns
+    -------
+    SubgrainStructure
+    """
+    sub = np.asarray(sub_seeds, dtype=np.float64).reshape(-1, 2)
+    lx, ly = tess.extent
+    if sub.size and (np.any(sub < 0) or np.any(sub[:, 0] >= lx) or np.any(sub[:, 1] >= ly)
+                     or not np.all(np.isfinite(sub))):
+        raise ValueError("sub-seeds must lie inside [0, Lx) x [0, Ly)")
+    m = sub.shape[0]
+    dl = np.zeros(m) if delta is None else np.asarray(delta, dtype=np.float64)
+    if dl.shape != (m,):
+        raise ValueError(f"delta must have shape ({m},), got {dl.shape}")
+    cells = cell_polygons(tess) if polygons is None else polygons
+    n = tess.n_seeds
+    parent = tess.label(sub[:, 0], sub[:, 1])[0].astype(np.int32) if m else np.zeros(0, np.int32)
+    order = np.argsort(parent, kind="stable")
+    sub, parent, dl = sub[order], parent[order], dl[order]
+    fx, fy = cells.to_frame(parent, sub[:, 0], sub[:, 1])
+    sub = np.ascontiguousarray(np.c_[fx, fy]) if m else np.zeros((0, 2))
+    gstart = np.zeros(n + 1, dtype=np.int64)
+    gstart[1:] = np.cumsum(np.bincount(parent, minlength=n))
+    kmax = int(np.diff(gstart).max()) if n else 0
+    cmax = int(np.diff(cells.start).max()) if n else 0
+    cap = cmax + kmax + 1
+    vx = np.zeros((m, cap))
+    vy = np.zeros((m, cap))
+    ve = np.zeros((m, cap), dtype=np.int32)
+    nv = np.zeros(m, dtype=np.int64)
+    if m:
+        _subcells_kernel(sub, parent, gstart, np.ascontiguousarray(cells.vertices[:, 0]),
+                         np.ascontiguousarray(cells.vertices[:, 1]), cells.start, cap, vx, vy, ve, nv)
+    j = np.arange(cap)[None, :]
+    is_sub = (j < nv[:, None]) & (ve >= 0)
+    rows, cols = np.nonzero(is_sub)  # row-major: grouped by sub-seed, edges in polygon order
+    nxt = (cols + 1) % np.maximum(nv[rows], 1)
+    seg = np.ascontiguousarray(np.c_[vx[rows, cols], vy[rows, cols], vx[rows, nxt], vy[rows, nxt]])
+    seg_nb = np.ascontiguousarray(ve[rows, cols].astype(np.int64))
+    sstart = np.zeros(m + 1, dtype=np.int64)
+    sstart[1:] = np.cumsum(is_sub.sum(axis=1))
+    whole_parent = np.arange(n, dtype=np.int32)
+    return SubgrainStructure(
+        seeds=sub, parent=np.r_[parent, whole_parent].astype(np.int32),
+        delta=np.r_[dl, np.zeros(n)], grain_start=gstart, segments=seg, segment_start=sstart,
+        segment_neighbour=seg_nb, polygons=cells, params=dict(params or {}),
+    )
+
+
+@njit(parallel=True, cache=True)
+def _factor_kernel(sid, dist, delta, sigma, depth, out):
+    n = sid.shape[0]
+    inv = 0.5 / (sigma * sigma) if sigma > 0.0 else 0.0
+    for i in prange(n):
+        v = 1.0 + delta[sid[i]]
+        if sigma > 0.0 and depth > 0.0:
+            d = dist[i]
+            v *= 1.0 - depth * math.exp(-d * d * inv)
+        out[i] = v
+
+
+def subgrain_factor(subgrain_id: np.ndarray, distance: np.ndarray, delta: np.ndarray,
+                    width_px: float, depth: float) -> np.ndarray:
+    """Multiplicative sub-grain signal factor ``(1 + δ_i)(1 − depth · exp(−d² / 2σ²))``.
+
+    Parameters
+    ----------
+    subgrain_id : ndarray int, any shape
+    distance : ndarray float, px, shape of ``subgrain_id``
+        Distance to the nearest sub-grain boundary (``inf``: none).
+    delta : ndarray (n_subgrains,) float
+    width_px : float
+        Groove FWHM in px (0: no groove).
+    depth : float
+        Fractional signal loss on the sub-boundary, 0–1.
+
+    Returns
+    -------
+    ndarray float32, shape of ``subgrain_id``
+    """
+    if not 0.0 <= depth <= 1.0:
+        raise ValueError(f"sub-grain groove depth must be within [0, 1], got {depth}")
+    if not width_px >= 0:
+        raise ValueError(f"sub-grain groove width must be >= 0 px, got {width_px}")
+    s = np.ascontiguousarray(subgrain_id, dtype=np.int32).ravel()
+    d = np.ascontiguousarray(distance, dtype=np.float32).ravel()
+    if d.shape != s.shape:
+        raise ValueError("subgrain_id and distance must have the same shape")
+    dl = np.ascontiguousarray(delta, dtype=np.float64)
+    if s.size and (s.min() < 0 or s.max() >= dl.shape[0]):
+        raise ValueError("sub-grain ids out of range of the delta table")
+    out = np.empty(s.shape[0], dtype=np.float32)
+    _factor_kernel(s, d, dl, float(width_px) * FWHM_TO_SIGMA, float(depth), out)
+    return out.reshape(np.shape(subgrain_id))
+
+
+@dataclass(frozen=True)
+class SubgrainParams:
+    """Per-frame draws: sub-boundary groove FWHM (px) and depth (0–1)."""
+
+    groove_width_px: float
+    groove_depth: float
+
+    def to_dict(self) -> dict:
+        return {"groove_width_px": self.groove_width_px, "groove_depth": self.groove_depth}
+
+
+@dataclass(frozen=True)
+class Subgrains:
+    """Sub-grain (low-angle boundary) stage.
+
+    Parameters
+    ----------
+    subgrains_per_grain : (low, high)
+        Mean number of sub-seeds per grain, drawn uniformly per specimen (> 0); the count of
+        sub-seeds is Poisson with mean ``value × n_grains``, spread uniformly over the specimen.
+    grain_fraction : float
+        Fraction of grains that are subdivided (each grain independently; others stay whole).
+    intensity_delta : (low, high)
+        Amplitude ``a`` drawn per specimen; each sub-grain's ``δ ~ U(−a, a)`` (relative to the
+        parent grain's intensity).
+    groove_width_px : (low, high)
+        Sub-boundary groove FWHM in px, drawn per frame.
+    groove_depth : (low, high)
+        Sub-boundary groove depth (0–1), drawn per frame.
+    """
+
+    subgrains_per_grain: tuple[float, float] = (3.0, 10.0)
+    grain_fraction: float = 1.0
+    intensity_delta: tuple[float, float] = (0.01, 0.05)
+    groove_width_px: tuple[float, float] = (0.5, 2.0)
+    groove_depth: tuple[float, float] = (0.02, 0.1)
+
+    def __post_init__(self) -> None:
+        _check_range("subgrains.subgrains_per_grain", self.subgrains_per_grain, 0.0, 1e4)
+        if not self.subgrains_per_grain[0] > 0:
+            raise ValueError(f"subgrains.subgrains_per_grain must be > 0, got "
+                             f"{self.subgrains_per_grain}")
+        if not 0.0 <= self.grain_fraction <= 1.0:
+            raise ValueError(f"subgrains.grain_fraction must be within [0, 1], got "
+                             f"{self.grain_fraction}")
+        _check_range("subgrains.intensity_delta", self.intensity_delta, 0.0, 1.0)
+        _check_range("subgrains.groove_width_px", self.groove_width_px, 0.0, 1e3)
+        _check_range("subgrains.groove_depth", self.groove_depth, 0.0, 1.0)
+
+    def sample_specimen(self, rng: np.random.Generator, tess: Tessellation,
+                        polygons: CellPolygons | None = None) -> SubgrainStructure:
+        """Draw the sub-grains of a specimen (sub-seeds, subdivided grains, intensity deltas)."""
+        n = tess.n_seeds
+        lx, ly = tess.extent
+        per_grain = float(rng.uniform(*self.subgrains_per_grain))
+        amp = float(rng.uniform(*self.intensity_delta))
+        m = int(rng.poisson(per_grain * n))
+        sub = rng.random((m, 2)) * np.array([lx, ly])
+        divided = rng.random(n) < self.grain_fraction
+        delta = rng.uniform(-amp, amp, m)
+        parent = tess.label(sub[:, 0], sub[:, 1])[0] if m else np.zeros(0, np.int32)
+        keep = divided[parent]
+        params = {"subgrains_per_grain": per_grain, "intensity_delta": amp,
+                  "n_subgrain_seeds": int(keep.sum()), "n_divided_grains": int(divided.sum())}
+        return build_subgrains(tess, sub[keep], delta[keep], polygons=polygons, params=params)
+
+    def sample(self, rng: np.random.Generator) -> SubgrainParams:
+        """Per-frame groove draws."""
+        return SubgrainParams(groove_width_px=float(rng.uniform(*self.groove_width_px)),
+                              groove_depth=float(rng.uniform(*self.groove_depth)))
+
+    def apply(self, signal: np.ndarray, subgrain_id: np.ndarray, distance: np.ndarray,
+              structure: SubgrainStructure, params: SubgrainParams) -> np.ndarray:
+        """``signal × subgrain_factor`` (float32, shape of ``signal``)."""
+        f = subgrain_factor(subgrain_id, distance, structure.delta, params.groove_width_px,
+                            params.groove_depth)
+        return (np.asarray(signal, dtype=np.float32) * f).astype(np.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# orientation gradients
+# --------------------------------------------------------------------------------------------
+@njit(parallel=True, cache=True)
+def _gradient_kernel(xs, ys, gid, origins, slope, lx, ly, periodic, out):
+    n = xs.shape[0]
+    for i in prange(n):
+        g = gid[i]
+        dx = xs[i] - origins[g, 0]
+        dy = ys[i] - origins[g, 1]
+        if periodic:
+            dx -= lx * round(dx / lx)
+            dy -= ly * round(dy / ly)
+        out[i] = max(1.0 + slope[g, 0] * dx + slope[g, 1] * dy, 0.0)
+
+
+@dataclass(frozen=True, eq=False)
+class GradientField:
+    """Drawn per-grain intensity gradients (frozen; a specimen property).
+
+    Attributes
+    ----------
+    slope : ndarray (n_grains, 2) float64
+        Gradient ``G_g`` of the relative intensity, per px.
+    origins : ndarray (n_grains, 2) float64
+        Grain seeds in px (where the factor is 1).
+    extent : (Lx, Ly)
+    periodic : bool
+    params : dict
+    """
+
+    slope: np.ndarray
+    origins: np.ndarray
+    extent: tuple[float, float]
+    periodic: bool
+    params: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        """Drawn specimen parameters (JSON-ready)."""
+        return dict(self.params)
+
+    def factor(self, x: np.ndarray, y: np.ndarray, grain_id: np.ndarray) -> np.ndarray:
+        """Multiplicative factor ``max(1 + G_g · (x − p_g), 0)`` (float32, shape of ``x``)."""
+        shape, xs, ys, g = _coords(x, y, grain_id)
+        n = self.slope.shape[0]
+        if g.size and (g.min() < 0 or g.max() >= n):
+            raise ValueError(f"grain ids must lie in [0, {n}), got [{g.min()}, {g.max()}]")
+        out = np.empty(xs.shape[0], dtype=np.float32)
+        lx, ly = self.extent
+        _gradient_kernel(xs, ys, g, self.origins, self.slope, lx, ly, self.periodic, out)
+        return out.reshape(shape)
+
+
+@dataclass(frozen=True)
+class OrientationGradients:
+    """Smooth intensity gradients inside grains (lattice rotation → channelling change).
+
+    Parameters
+    ----------
+    amplitude : (low, high)
+        Relative intensity change across one mean grain spacing, drawn uniformly per grain
+        (direction uniform); slope magnitude = amplitude / spacing, per px.
+    """
+
+    amplitude: tuple[float, float] = (0.0, 0.15)
+
+    def __post_init__(self) -> None:
+        _check_range("gradients.amplitude", self.amplitude, 0.0, 10.0)
+
+    def sample_specimen(self, rng: np.random.Generator, tess: Tessellation) -> GradientField:
+        """Draw one gradient vector per grain."""
+        n = tess.n_seeds
+        lx, ly = tess.extent
+        spacing = math.sqrt(lx * ly / n)
+        amp = rng.uniform(self.amplitude[0], self.amplitude[1], n)
+        theta = rng.uniform(0.0, 2.0 * math.pi, n)
+        slope = np.c_[np.cos(theta), np.sin(theta)] * (amp / spacing)[:, None]
+        return GradientField(slope=slope, origins=tess.seeds.copy(), extent=(lx, ly),
+                             periodic=bool(tess.periodic),
+                             params={"mean_amplitude": float(amp.mean()), "spacing_px": spacing})
+
+    def apply(self, signal: np.ndarray, x: np.ndarray, y: np.ndarray, grain_id: np.ndarray,
+              gradient: GradientField) -> np.ndarray:
+        """``signal × gradient.factor`` (float32, shape of ``signal``)."""
+        return (np.asarray(signal, dtype=np.float32) * gradient.factor(x, y, grain_id)
+                ).astype(np.float32)
