@@ -16,6 +16,8 @@ Conditions (each a name in the study file):
 ``scratch_all``         the same on every dev crop of the fold (the "many labels" reference).
 ``augmentation``        scratch on ``k`` crops with the strong physics-gated augmentation pipeline.
 ``synthetic_only``      the U-Net pretrained on synthetic data, no real label.
+``synthetic_adabn``     the same after re-estimating its BatchNorm statistics on the fold's unlabelled
+                        dev images (AdaBN; still zero labels, test images never seen).
 ``feature_extraction``  the synthetic encoder frozen (BatchNorm pinned), decoder trained on ``k``.
 ``finetune``            full fine-tuning: head first, then gradual unfreezing with depth-graded
                         learning rates (:mod:`sdk.transfer`).
@@ -54,10 +56,10 @@ __all__ = ["StudyError", "StudySpec", "load_study", "parse_study", "run_study", 
            "classical_boundary", "classical_particles", "grid_boundary", "summarise"]
 
 CONDITIONS = ("classical", "grid", "scratch", "scratch_all", "augmentation", "synthetic_only",
-              "feature_extraction", "finetune", "finetune_adabn", "finetune_fda", "finetune_dann",
+              "synthetic_adabn", "feature_extraction", "finetune", "finetune_adabn", "finetune_fda", "finetune_dann",
               "all", "ablation")
-_ZERO_LABEL = ("classical", "grid", "synthetic_only")
-_NEEDS_SYNTHETIC = ("synthetic_only", "feature_extraction", "finetune", "finetune_adabn", "finetune_fda",
+_ZERO_LABEL = ("classical", "grid", "synthetic_only", "synthetic_adabn")
+_NEEDS_SYNTHETIC = ("synthetic_only", "synthetic_adabn", "feature_extraction", "finetune", "finetune_adabn", "finetune_fda",
                     "finetune_dann", "all", "ablation")
 
 
@@ -533,20 +535,33 @@ def _pretrain(ctx: _Ctx, h5: Path, tag: str, minutes: float):
     model = _new_model(spec, spec.seed)
     _fit(ctx, model, ds, minutes=minutes, seed=spec.seed)
     ctx.pretrained[tag] = model
+    from sdk.models import save_checkpoint
+
+    (ctx.out / "models").mkdir(exist_ok=True)
+    save_checkpoint(ctx.out / "models" / (re.sub(r"[^A-Za-z0-9_.-]", "_", tag) + ".pt"), model,
+                    data={"label": spec.synthetic.label, "channels": spec.real.channels, "normalize": "percentile",
+                          "crop": spec.model.crop, "source": "synthetic", "dataset": str(h5)},
+                    stage="study-pretrain")
     ctx.log(f"[{ctx.minutes():5.1f} min] pretrained on {tag} ({time.monotonic() - t:.0f} s)")
+    return model
+
+
+def _adabn_copy(ctx: _Ctx, base, images: np.ndarray):
+    """A copy of ``base`` whose BatchNorm statistics are re-estimated on real images (no labels)."""
+    import torch
+
+    from sdk.transfer import reestimate_bn
+
+    model = copy.deepcopy(base)
+    reestimate_bn(model, [torch.from_numpy(ctx.real.x[i][None]) for i in images], device="cpu")
     return model
 
 
 def _finetune(ctx: _Ctx, base, train: _ArrayData, seed: int, *, frozen: bool, bn_reestimate: np.ndarray | None = None,
               **trainer_kw: Any):
-    from sdk.transfer import GradualUnfreezing, freeze_backbone, param_groups, reestimate_bn
+    from sdk.transfer import GradualUnfreezing, freeze_backbone, param_groups
 
-    model = copy.deepcopy(base)
-    if bn_reestimate is not None:
-        import torch
-
-        imgs = [torch.from_numpy(ctx.real.x[i][None]) for i in bn_reestimate]
-        reestimate_bn(model, imgs, device="cpu")
+    model = _adabn_copy(ctx, base, bn_reestimate) if bn_reestimate is not None else copy.deepcopy(base)
     freeze_backbone(model, bn="eval" if bn_reestimate is not None else "train")
     if frozen:  # feature extraction: the encoder stays frozen, decoder/head learn
         return _fit(ctx, model, train, minutes=ctx.spec.budget.model_minutes, seed=seed, **trainer_kw)
@@ -644,6 +659,10 @@ def run_study(spec: StudySpec, base_dir: str | os.PathLike, out: str | os.PathLi
                     t = time.monotonic()
                     _record(ctx, cond, 0, fold, test, [_predict(base_model, real.x[i]) for i in test],
                             time.monotonic() - t)
+                elif cond == "synthetic_adabn":
+                    t = time.monotonic()
+                    m = _adabn_copy(ctx, base_model, dev)
+                    _record(ctx, cond, 0, fold, test, [_predict(m, real.x[i]) for i in test], time.monotonic() - t)
             if "scratch_all" in spec.conditions:
                 _run_models(ctx, fold, dev, test, -1, ["scratch_all"], base_model)
             model_conds = [c for c in spec.conditions

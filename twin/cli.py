@@ -1,4 +1,4 @@
-"""The ``twin`` command line: generate, preview, info, validate.
+"""The ``twin`` command line: generate, preview, info, ablate, validate.
 
 Errors a user can cause are printed as one line ``twin: error: ...`` with exit status 2; no
 traceback.  Set ``EMTWIN_DEBUG=1`` to see the traceback.
@@ -118,6 +118,20 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_ablate(args: argparse.Namespace) -> int:
+    from twin.ablate import ablate
+
+    feats = None
+    if args.features is not None:
+        feats = [f.strip() for f in args.features.split(",") if f.strip()]
+    manifest = ablate(args.recipe, args.output, features=feats, n=args.n, seed=args.seed,
+                      compression=args.compression, workers=args.workers,
+                      overwrite=args.overwrite,
+                      log=None if args.quiet else (lambda m: print(f"twin: {m}", file=sys.stderr)))
+    print(f"wrote {manifest}")
+    return 0
+
+
 def _cmd_validate(args: argparse.Namespace) -> int:
     from twin.generate import build_pipeline
     from twin.recipe import load_recipe
@@ -186,6 +200,20 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--recipe", action="store_true", help="also print the recipe text")
     i.add_argument("--stats", type=int, default=16, help="samples used for statistics (default 16)")
     i.set_defaults(func=_cmd_info)
+
+    a = sub.add_parser("ablate", help="one dataset per feature variant (all on, all off, "
+                                      "each feature off alone) and a manifest")
+    a.add_argument("recipe", help="YAML recipe")
+    a.add_argument("-o", "--output", required=True, help="output folder")
+    a.add_argument("--features", default=None, metavar="F1,F2,...",
+                   help="features to ablate (default: every one the recipe switches on)")
+    a.add_argument("-n", type=int, default=None, help="samples per variant (default: the recipe's)")
+    a.add_argument("--seed", type=int, default=None, help="root seed for all variants")
+    a.add_argument("--compression", choices=("lz4", "gzip", "none"), default=None)
+    a.add_argument("-j", "--workers", type=_positive_int, default=None, metavar="N")
+    a.add_argument("--overwrite", action="store_true", help="replace existing variant datasets")
+    a.add_argument("-q", "--quiet", action="store_true")
+    a.set_defaults(func=_cmd_ablate)
 
     c = sub.add_parser("validate", help="check a recipe (and its instrument profile)")
     c.add_argument("recipe")

@@ -30,10 +30,22 @@ def _outlines(grain_id: np.ndarray) -> np.ndarray:
     return edge
 
 
+_PHASE_COLOURS = ((40, 220, 60), (255, 150, 0), (60, 120, 255), (200, 200, 200))
+
+
+def _tint(rgb: np.ndarray, mask: np.ndarray, colour, alpha: float) -> None:
+    """Blend ``colour`` into ``rgb`` (H, W, 3 uint8) where ``mask``, in place."""
+    if mask.any():
+        rgb[mask] = ((1 - alpha) * rgb[mask] + alpha * np.array(colour)).astype(np.uint8)
+
+
 def preview_montage(path: str | Path, out: str | Path, n: int = 4, tile: int = 256) -> Path:
     """Write a montage: row 1 the images, row 2 the images with labels overlaid.
 
-    Boundary labels are drawn in red, grain-id outlines (4-neighbour changes) in cyan.
+    RGB images (H, W, 3) are shown in colour (one percentile stretch for all channels), grey
+    images in grey.  Overlays: grain-id outlines (4-neighbour changes) in cyan, ``boundary`` in
+    red, ``twin`` lamellae tinted magenta, ``twin_boundary`` in yellow, non-zero ``phase``
+    classes tinted by class (green, orange, blue, ...).
 
     Parameters
     ----------
@@ -54,9 +66,16 @@ def preview_montage(path: str | Path, out: str | Path, n: int = 4, tile: int = 2
             labels = s["labels"]
             if "grain_id" in labels:
                 over[_outlines(labels["grain_id"])] = (0, 220, 255)
+            if "phase" in labels:
+                ph = labels["phase"]
+                for c in range(1, int(ph.max()) + 1 if ph.size else 1):
+                    _tint(over, ph == c, _PHASE_COLOURS[(c - 1) % len(_PHASE_COLOURS)], 0.45)
+            if "twin" in labels:
+                _tint(over, labels["twin"].astype(bool), (230, 40, 230), 0.3)
             if "boundary" in labels:
-                m = labels["boundary"].astype(bool)
-                over[m] = (0.45 * over[m] + 0.55 * np.array([255, 40, 40])).astype(np.uint8)
+                _tint(over, labels["boundary"].astype(bool), (255, 40, 40), 0.55)
+            if "twin_boundary" in labels:
+                _tint(over, labels["twin_boundary"].astype(bool), (255, 230, 0), 0.6)
             for row, arr in enumerate((rgb, over)):
                 im = Image.fromarray(arr).resize((tile, tile), Image.Resampling.NEAREST)
                 canvas.paste(im, (4 + k * (tile + 4), 4 + row * (tile + 4)))

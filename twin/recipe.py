@@ -10,10 +10,11 @@ from __future__ import annotations
 import hashlib
 import math
 from pathlib import Path
-from typing import Annotated, ClassVar, Literal
+from typing import Annotated, ClassVar, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError,
+                      field_validator, model_validator)
 
 from twin.errors import RecipeError
 
@@ -67,6 +68,115 @@ class PixelSize(_Strict):
     unit: Literal["pm", "Å", "A", "nm", "um", "µm"] = "nm"
 
 
+# --------------------------------------------------------------------------------------------
+# specimen features (issue 4): each a switch, ``enabled: false`` by default
+# --------------------------------------------------------------------------------------------
+class _Feature(_Strict):
+    enabled: bool = Field(False, description="switch the feature on (off: the plain generator)")
+
+
+class TwinsFeature(_Feature):
+    """Annealing twins: parallel lamellae at a per-grain orientation (generators.twins)."""
+
+    probability: float = Field(0.3, ge=0, le=1, description="chance that a grain is twinned")
+    spacing_px: _range_type(gt=0, le=100000) = (15.0, 40.0)
+    width_px: _range_type(gt=0, le=100000) = (3.0, 10.0)
+    intensity: _range_type(ge=0, le=1) = (0.25, 1.0)
+    groove_width_px: _range_type(ge=0, le=64) = (0.5, 1.5)
+    groove_depth: _range_type(ge=0, le=1) = (0.02, 0.1)
+
+
+class RoughnessFeature(_Feature):
+    """Smooth random displacement of specimen coordinates: curved, non-convex grains."""
+
+    amplitude_px: _range_type(ge=0, le=10000) = (2.0, 5.0)
+    correlation_px: _range_type(gt=0, le=1e6) = (20.0, 40.0)
+    n_modes: int = Field(8, ge=1, le=256)
+
+
+class ElongationFeature(_Feature):
+    """Affine (area-preserving) stretch: grains ``ratio`` times longer along ``angle_deg``."""
+
+    ratio: _range_type(ge=1, le=50) = (2.0, 2.0)
+    angle_deg: _range_type(ge=-360, le=360) = (0.0, 0.0)
+
+
+class SizesFeature(_Feature):
+    """Lognormal grain areas by fitted Laguerre weights (generators.sizes)."""
+
+    sigma: float = Field(0.5, ge=0, le=2, description="log-std of the grain areas")
+    median_area_px: float | None = Field(None, gt=0, description="median grain area, px^2")
+
+
+class SubgrainsFeature(_Feature):
+    subgrains_per_grain: _range_type(gt=0, le=10000) = (3.0, 10.0)
+    grain_fraction: float = Field(1.0, ge=0, le=1)
+    intensity_delta: _range_type(ge=0, le=1) = (0.01, 0.05)
+    groove_width_px: _range_type(ge=0, le=64) = (0.5, 2.0)
+    groove_depth: _range_type(ge=0, le=1) = (0.02, 0.1)
+
+
+class GradientsFeature(_Feature):
+    amplitude: _range_type(ge=0, le=10) = (0.0, 0.15)
+
+
+class PhaseSpec(_Strict):
+    name: str = Field(min_length=1, max_length=64)
+    fraction: float = Field(ge=0, le=1)
+    intensity: _range_type(ge=0, le=10) = (0.25, 1.0)
+
+
+class PhasesFeature(_Feature):
+    phases: list[PhaseSpec] = [PhaseSpec(name="matrix", fraction=0.7),
+                               PhaseSpec(name="second", fraction=0.3, intensity=(1.0, 1.4))]
+
+    @model_validator(mode="after")
+    def _fractions(self):
+        total = sum(p.fraction for p in self.phases)
+        if not self.phases or abs(total - 1.0) > 1e-6:
+            raise ValueError(f"phase fractions must sum to 1, got {total:g}")
+        names = [p.name for p in self.phases]
+        if len(set(names)) != len(names):
+            raise ValueError(f"phase names must be unique, got {names}")
+        return self
+
+
+class Placement(_Strict):
+    interior: float = Field(1.0, ge=0)
+    boundary: float = Field(0.0, ge=0)
+    junction: float = Field(0.0, ge=0)
+
+
+class ParticleSpec(_Strict):
+    name: str = Field(min_length=1, max_length=64)
+    density: _range_type(ge=0, le=10000) = (0.5, 2.0)
+    semi_major_px: _range_type(gt=0, le=10000) = (1.5, 5.0)
+    aspect: _range_type(gt=0, le=1) = (0.5, 1.0)
+    intensity: _range_type(ge=0, le=10) = (1.1, 1.5)
+    placement: Placement = Placement()
+
+
+class ParticlesFeature(_Feature):
+    classes: list[ParticleSpec] = [
+        ParticleSpec(name="precipitate"),
+        ParticleSpec(name="pore", density=(0.2, 1.0), semi_major_px=(1.0, 3.0),
+                     aspect=(0.7, 1.0), intensity=(0.0, 0.1)),
+    ]
+
+
+class Features(_Strict):
+    """Specimen features; every one is off unless ``enabled: true``."""
+
+    sizes: SizesFeature = SizesFeature()
+    twins: TwinsFeature = TwinsFeature()
+    roughness: RoughnessFeature = RoughnessFeature()
+    elongation: ElongationFeature = ElongationFeature()
+    subgrains: SubgrainsFeature = SubgrainsFeature()
+    gradients: GradientsFeature = GradientsFeature()
+    phases: PhasesFeature = PhasesFeature()
+    particles: ParticlesFeature = ParticlesFeature()
+
+
 class VoronoiSpecimen(_Strict):
     kind: Literal["voronoi"] = "voronoi"
     grains_per_field: _range_type(ge=1, le=100000) = (80.0, 300.0)
@@ -76,6 +186,57 @@ class VoronoiSpecimen(_Strict):
     weight_sigma: float = Field(0.35, ge=0, le=2.0)
     periodic: bool = True
     specimen_scale: float = Field(2.0, ge=1.0, le=16.0)
+    features: Features = Features()
+
+
+class PottsSpecimen(_Strict):
+    """Grain growth: a Voronoi start evolved by Monte-Carlo Potts (generators.potts.PottsGrains)."""
+
+    kind: Literal["potts"]
+    grains_per_field: _range_type(ge=1, le=100000) = (150.0, 400.0)
+    steps: _range_type(ge=0, le=1e6) = (50.0, 200.0)
+    temperature: float = Field(0.5, ge=0, le=100, description="kT in units of the boundary energy")
+    periodic: bool = True
+    specimen_scale: float = Field(2.0, ge=1.0, le=16.0)
+    resolution: float = Field(1.0, ge=1.0, le=8.0, description="raster cells per image px")
+    features: Features = Features()
+
+
+class Section3DSpecimen(_Strict):
+    """Planar section of a 3D Voronoi/Laguerre tessellation (generators.section3d)."""
+
+    kind: Literal["section3d"]
+    grains_per_field: _range_type(ge=1, le=100000) = (80.0, 300.0)
+    seeds: Literal["poisson", "hardcore"] = "poisson"
+    min_distance: float = Field(0.5, gt=0, le=1.2, description="fraction of mean 3D seed spacing")
+    weights: Literal["none", "lognormal"] = "none"
+    weight_sigma: float = Field(0.35, ge=0, le=2.0)
+    tilt_deg: _range_type(ge=0, le=90) = (0.0, 0.0)
+    periodic: bool = True
+    specimen_scale: float = Field(2.0, ge=1.0, le=16.0)
+    features: Features = Features()
+
+
+#: union tags of ``specimen`` (dropped from error locations by :func:`format_validation_error`)
+_SPECIMEN_TAGS = ("voronoi", "potts", "section3d")
+
+
+def _specimen_kind(v) -> str:
+    kind = v.get("kind", "voronoi") if isinstance(v, dict) else getattr(v, "kind", "voronoi")
+    return kind if isinstance(kind, str) else repr(kind)
+
+
+SpecimenModel = Annotated[
+    Union[Annotated[VoronoiSpecimen, Tag("voronoi")], Annotated[PottsSpecimen, Tag("potts")],
+          Annotated[Section3DSpecimen, Tag("section3d")]],
+    Discriminator(_specimen_kind, custom_error_type="specimen_kind",
+                  custom_error_message="specimen.kind must be one of 'voronoi', 'potts', "
+                                       "'section3d' (or a kind listed in RECIPE_KINDS)"),
+]
+
+#: features that need the convex cells of a 2D Voronoi/Laguerre specimen
+VORONOI_ONLY_FEATURES = ("sizes", "roughness", "elongation", "subgrains", "gradients",
+                         "particles")
 
 
 class Boundary(_Strict):
@@ -83,10 +244,108 @@ class Boundary(_Strict):
     depth: _range_type(ge=0, le=1) = (0.2, 0.6)
 
 
+class OpticalSettings(_Strict):
+    """Optical colour contrast (generators.optical.OpticalColourContrast); defaults fit tbm-grains."""
+
+    hue_bands_deg: list[_range_type(ge=-360, le=720)] = [(15.0, 65.0), (205.0, 240.0)]
+    band_concentration: float = Field(0.7, gt=0, le=1e6)
+    saturation: _range_type(ge=0, le=1) = (0.05, 0.65)
+    value: _range_type(ge=0, le=1) = (0.38, 0.70)
+    specimen_hue_shift_deg: float = Field(10.0, ge=0, le=180)
+    specimen_value_shift: float = Field(0.10, ge=0, le=1)
+    contrast: float = Field(1.0, ge=0, le=1)
+    boundary_depth: _range_type(ge=0, le=1) = (0.0, 0.05)
+    boundary_width_px: _range_type(ge=0, le=64) = (1.0, 3.0)
+    shading: _range_type(ge=0, le=0.999) = (0.0, 0.10)
+    mottle_amplitude: _range_type(ge=0, le=1) = (0.02, 0.07)
+    mottle_chroma: _range_type(ge=0, le=1) = (0.01, 0.05)
+    mottle_length_px: _range_type(gt=0, le=1000) = (2.0, 5.0)
+
+    @field_validator("hue_bands_deg")
+    @classmethod
+    def _bands(cls, v):
+        if not v:
+            raise ValueError("needs at least one [low, high] hue band")
+        for lo, hi in v:
+            if hi > lo + 360:
+                raise ValueError(f"hue band [{lo:g}, {hi:g}] spans more than 360 degrees")
+        return v
+
+
 class Contrast(_Strict):
-    mode: Literal["sem-channelling"] = "sem-channelling"
+    mode: Literal["sem-channelling", "optical-colour"] = "sem-channelling"
     grain_intensity: _range_type(ge=0, le=1) = (0.25, 1.0)
     boundary: Boundary = Boundary()
+    optical: OpticalSettings = OpticalSettings()
+
+
+# --------------------------------------------------------------------------------------------
+# artefacts (change the image, never the labels): each a switch, off by default
+# --------------------------------------------------------------------------------------------
+class ScratchesArtefact(_Feature):
+    probability: float = Field(1.0, ge=0, le=1, description="chance per frame when enabled")
+    count: _range_type(ge=0, le=100000) = (1.0, 12.0)
+    length_frac: _range_type(ge=0, le=10) = (0.2, 1.2)
+    width_px: _range_type(gt=0, le=1000) = (0.6, 2.0)
+    strength: _range_type(ge=0, le=1) = (0.05, 0.3)
+    bright_fraction: float = Field(0.5, ge=0, le=1)
+    angle_spread_deg: float = Field(6.0, ge=0, le=180)
+    curvature_per_px: _range_type(ge=0, le=0.1) = (0.0, 5e-4)
+
+
+class SpotsArtefact(_Feature):
+    """Pits: small dark round spots (σ, density per 10⁴ px², relative strength)."""
+
+    probability: float = Field(1.0, ge=0, le=1, description="chance per frame when enabled")
+    density: _range_type(ge=0, le=10000) = (0.5, 4.0)
+    sigma_px: _range_type(gt=0, le=10000) = (0.5, 1.5)
+    strength: _range_type(ge=0, le=1) = (0.3, 0.8)
+    bright_fraction: float = Field(0.0, ge=0, le=1)
+
+
+class DustArtefact(SpotsArtefact):
+    """Dust: small bright or dark particles."""
+
+    density: _range_type(ge=0, le=10000) = (0.1, 1.0)
+    sigma_px: _range_type(gt=0, le=10000) = (1.0, 3.0)
+    strength: _range_type(ge=0, le=1) = (0.1, 0.5)
+    bright_fraction: float = Field(0.5, ge=0, le=1)
+
+
+class ContaminationArtefact(SpotsArtefact):
+    """Contamination: large soft dark halos."""
+
+    density: _range_type(ge=0, le=10000) = (0.005, 0.04)
+    sigma_px: _range_type(gt=0, le=10000) = (8.0, 40.0)
+    strength: _range_type(ge=0, le=1) = (0.1, 0.4)
+
+
+class ChargingArtefact(_Feature):
+    probability: float = Field(1.0, ge=0, le=1, description="chance per frame when enabled")
+    count: _range_type(ge=0, le=100000) = (1.0, 6.0)
+    amplitude: _range_type(ge=0, le=1000) = (0.1, 0.6)
+    decay_px: _range_type(gt=0, le=1e6) = (10.0, 150.0)
+    height_px: _range_type(gt=0, le=1e4) = (0.5, 2.0)
+
+
+class DataBarArtefact(_Feature):
+    probability: float = Field(1.0, ge=0, le=1, description="chance per frame when enabled")
+    height_frac: _range_type(ge=0, le=0.9) = (0.06, 0.12)
+    background: _range_type(ge=0, le=1) = (0.0, 0.25)
+    foreground: _range_type(ge=0, le=1) = (0.85, 1.0)
+    scale_bar_frac: _range_type(ge=0, le=0.9) = (0.1, 0.3)
+    words: _range_type(ge=0, le=1000) = (2.0, 6.0)
+
+
+class ArtefactsConfig(_Strict):
+    """Artefacts of preparation and instrument (generators.artefacts); labels never change."""
+
+    scratches: ScratchesArtefact = ScratchesArtefact()
+    pits: SpotsArtefact = SpotsArtefact()
+    dust: DustArtefact = DustArtefact()
+    contamination: ContaminationArtefact = ContaminationArtefact()
+    charging: ChargingArtefact = ChargingArtefact()
+    data_bar: DataBarArtefact = DataBarArtefact()
 
 
 class Optics(_Strict):
@@ -103,8 +362,11 @@ class DetectorOverrides(_Strict):
 
 
 class Labels(_Strict):
-    names: list[Literal["grain_id", "boundary"]] = ["grain_id", "boundary"]
+    names: list[Literal["grain_id", "boundary", "twin", "twin_boundary", "phase"]] = [
+        "grain_id", "boundary"]
     boundary_width_px: float = Field(2.0, gt=0, le=64)
+    twin_boundary_width_px: float | None = Field(
+        None, gt=0, le=64, description="twin-boundary band width, px (omit: boundary_width_px)")
 
     @field_validator("names")
     @classmethod
@@ -116,6 +378,8 @@ class Labels(_Strict):
 
 class Output(_Strict):
     compression: Literal["lz4", "gzip", "none"] = "lz4"
+    geometry: bool = Field(False, description="store /geometry grain_table and grain_polygons "
+                                              "(specimen px; kind voronoi only)")
 
 
 class Recipe(_Strict):
@@ -131,12 +395,13 @@ class Recipe(_Strict):
     samples: int = Field(64, ge=1, le=100_000_000)
     specimens: int = Field(16, ge=1)
     seed: int = Field(0, ge=0, lt=2**63)
-    specimen: VoronoiSpecimen = VoronoiSpecimen()
+    specimen: SpecimenModel = VoronoiSpecimen()
     contrast: Contrast = Contrast()
     optics: Optics = Optics()
     scan: Scan = Scan()
     detector: DetectorOverrides = DetectorOverrides()
     labels: Labels = Labels()
+    artefacts: ArtefactsConfig = ArtefactsConfig()
     output: Output = Output()
 
     @field_validator("size")
@@ -155,6 +420,19 @@ class Recipe(_Strict):
             )
         return self
 
+    @model_validator(mode="after")
+    def _features_fit_kind(self):
+        if self.output.geometry and self.specimen.kind != "voronoi":
+            raise ValueError("output.geometry needs specimen.kind voronoi (exact cell polygons)")
+        if self.specimen.kind != "voronoi":
+            f = self.specimen.features
+            bad = [n for n in VORONOI_ONLY_FEATURES if getattr(f, n).enabled]
+            if bad:
+                raise ValueError(
+                    f"specimen.features {', '.join(bad)} need specimen.kind voronoi (they use its "
+                    f"convex cells); kind {self.specimen.kind} supports twins and phases")
+        return self
+
     @property
     def samples_per_specimen(self) -> int:
         """Consecutive samples sharing one specimen: ceil(samples / specimens)."""
@@ -167,11 +445,12 @@ def format_validation_error(err: ValidationError, source: str) -> str:
     for e in err.errors():
         # pydantic puts union/tagged members into the location: keep only user-visible keys
         loc = ".".join(
-            str(x) for x in e["loc"] if not (isinstance(x, str) and ("[" in x or x.startswith("function-")))
+            str(x) for x in e["loc"] if not (isinstance(x, str) and (
+                "[" in x or x.startswith("function-") or x in _SPECIMEN_TAGS))
         )
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
-            parent = ".".join(str(x) for x in e["loc"][:-1])
+            parent = ".".join(str(x) for x in e["loc"][:-1] if x not in _SPECIMEN_TAGS)
             parts.append(f"unknown key '{loc}' (not allowed in {parent or 'the top level'})")
         elif e["type"] == "missing":
             parts.append(f"missing required key '{loc}'")

@@ -383,7 +383,7 @@ def write_shard(spec: RunSpec, k: int, path: str | os.PathLike,
         for i in range(start, stop):
             s = pipe.generate(i)
             writer.write(i - start, s.image, s.labels, specimen_id=s.specimen_id, index=s.index,
-                         params=s.params)
+                         params=s.params, geometry=getattr(s, "geometry", None) or None)
             if on_sample is not None:
                 on_sample(i)
         writer.file.flush()  # the stored chunks, as they will be on disk
