@@ -686,14 +686,20 @@ def _run_ablation(ctx: _Ctx, folds: list[tuple[np.ndarray, np.ndarray]]) -> None
     recipe = (ctx.base / spec.synthetic.recipe).resolve()
     n = spec.synthetic.ablation_samples or spec.synthetic.samples
     adir = ctx.out / "ablation"
-    manifest = ablate(recipe, adir, features=spec.synthetic.ablate, n=n, seed=spec.synthetic.seed, progress=False)
+    mpath = adir / "manifest.json"
+    manifest = json.loads(mpath.read_text()) if mpath.is_file() else None
+    if manifest is None or manifest.get("samples_per_variant") != n:
+        ctx.log(f"[{ctx.minutes():5.1f} min] twin ablate {recipe.name}: {n} samples per variant")
+        mpath = ablate(recipe, adir, features=spec.synthetic.ablate, n=n, seed=spec.synthetic.seed,
+                       overwrite=True)
+        manifest = json.loads(Path(mpath).read_text())
     k = max(spec.k)
-    minutes = spec.budget.pretrain_minutes / 2
+    minutes = spec.budget.pretrain_minutes
     for v in manifest["variants"]:
         if ctx.over_budget():
             ctx.skipped.append(f"ablation variant {v['name']} (total budget spent)")
             continue
-        model = _pretrain(ctx, Path(v["path"]), "ablate:" + v["name"], minutes)
+        model = _pretrain(ctx, adir / v["dataset"], "ablate-" + v["name"], minutes)
         for fold, (dev, test) in enumerate(folds):
             t = time.monotonic()
             _record(ctx, "ablation", 0, fold, test, [_predict(model, ctx.real.x[i]) for i in test],
@@ -780,7 +786,8 @@ def _plot(spec: StudySpec, summary: list[dict[str, Any]], path: Path) -> None:
         ax.errorbar(ks, [r[main] for r in rs], yerr=[r[main + "_sd"] for r in rs], marker="o", capsize=3, label=c)
     ax.set(xlabel="real labelled crops k", ylabel=main, title=f"{spec.name}: {main} vs k")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
