@@ -467,13 +467,19 @@ class Trainer:
         Extra plain metadata saved in every checkpoint (label, channels, normalisation, split).
     on_epoch_end : callable, optional
         ``fn(row)`` after each epoch (row = the logged dict).
+    adaptation : sdk.adapt.Adaptation or list of them, optional
+        Domain adaptation (:class:`sdk.adapt.AdaBN`, :class:`sdk.adapt.DANN`,
+        :class:`sdk.adapt.FDA`): its extra parameters join the optimizer, it may change each
+        training batch, add a loss per step and act after each epoch (before validation);
+        what it reports is logged in the epoch row.
     """
 
     def __init__(self, model: nn.Module, train_data: Dataset, val_data: Dataset | None = None,
                  config: TrainConfig | None = None, optimizer: torch.optim.Optimizer | None = None,
                  param_groups: list[dict[str, Any]] | None = None, unfreezer: Any = None,
                  checkpoint_meta: Mapping[str, Any] | None = None,
-                 on_epoch_end: Callable[[dict[str, Any]], None] | None = None) -> None:
+                 on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
+                 adaptation: Any = None) -> None:
         self.config = config or TrainConfig()
         if len(train_data) == 0:  # type: ignore[arg-type]
             raise TrainError("the training data is empty")
@@ -489,6 +495,16 @@ class Trainer:
                 {"params": [p for p in model.parameters()], "lr": self.config.lr, "name": "all"}]
             optimizer = torch.optim.AdamW(groups, lr=self.config.lr, weight_decay=self.config.weight_decay)
         self.optimizer = optimizer
+        if adaptation is None:
+            self.adaptations: list[Any] = []
+        else:
+            self.adaptations = list(adaptation) if isinstance(adaptation, (list, tuple)) else [adaptation]
+        for a in self.adaptations:
+            extra = list(a.setup(self.model, self.device))
+            if extra:
+                self.optimizer.add_param_group({"params": extra, "lr": self.config.lr,
+                                                "name": f"adaptation:{getattr(a, 'name', type(a).__name__)}"})
+        self._step, self._total_steps = 0, 1
         for g in self.optimizer.param_groups:
             g.setdefault("initial_lr", g["lr"])
         self.amp_enabled, self.amp_dtype, use_scaler = _amp_settings(self.device, self.config.amp)
@@ -554,13 +570,21 @@ class Trainer:
                 break
             x = x.to(self.device, non_blocking=True)
             y = torch.as_tensor(y).to(self.device, non_blocking=True)
+            progress = self._step / self._total_steps
+            for a in self.adaptations:
+                x, y = a.adapt_batch(x, y, progress)
             with _autocast(self.device, self.amp_enabled, self.amp_dtype):
                 logits = self.model(x)
+                extras = [a.extra_loss(self.model, x, logits, progress) for a in self.adaptations]
             if c.task == "segmentation":
                 loss = segmentation_loss(logits, y, c.loss, weights)
             else:
                 loss = F.cross_entropy(logits.float(), y, weight=weights)
                 correct += int((logits.argmax(1) == y).sum())
+            for extra in extras:
+                if extra is not None:
+                    loss = loss + extra.float()
+            self._step += 1
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
             if c.grad_clip is not None:
@@ -623,6 +647,9 @@ class Trainer:
         deadline = start + 60 * c.max_minutes if c.max_minutes else None
         gen = torch.Generator().manual_seed(int(c.seed))
         loader = self._loader(gen)
+        self._step, self._total_steps = 0, max(1, c.epochs * len(loader))
+        for a in self.adaptations:
+            a.start(self._total_steps, int(c.seed))
         best_state: dict[str, torch.Tensor] | None = None
         since_best = 0
         val_seconds = 0.0
@@ -653,6 +680,8 @@ class Trainer:
                 row["train_loss"] = loss
                 if acc is not None:
                     row["train_accuracy"] = acc
+                for a in self.adaptations:
+                    row.update(a.epoch_end(self.model, self.device))
                 t0 = time.monotonic()
                 row.update(self.validate())
                 val_seconds = time.monotonic() - t0

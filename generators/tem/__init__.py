@@ -1,0 +1,1 @@
+"""TEM generators (abTEM/ASE imported lazily inside the modules that need them)."""
