@@ -180,7 +180,8 @@ def test_dann_plain_pytorch_step_trains_classifier_and_reverses_encoder_gradient
 
     enc_rev, cls_rev = grads(1.0)  # DANN: encoder gradient reversed and scaled by lambda
     enc_id, cls_id = grads(-1.0 / lam)  # effective lambda -1: the plain gradient
-    torch.testing.assert_close(enc_rev, -lam * enc_id, rtol=1e-4, atol=1e-8)
+    # threaded conv backward sums in varying order: compare at float32 round-off of the largest entry
+    torch.testing.assert_close(enc_rev, -lam * enc_id, rtol=1e-4, atol=1e-5 * float(enc_id.abs().max()))
     for a, b in zip(cls_rev, cls_id):  # the domain classifier itself is never reversed
         torch.testing.assert_close(a, b)
     assert enc_id.abs().sum() > 0

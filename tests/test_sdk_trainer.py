@@ -95,7 +95,7 @@ def test_time_budget_is_respected(tmp_path):
                    _cfg(epochs=50, max_minutes=budget_s / 60, checkpoint=str(tmp_path / "m.pt"))).fit()
     took = time.monotonic() - t0
     assert hist.stopped == "time budget"
-    assert took < budget_s + 0.5
+    assert took < budget_s + 3.0  # loose: a loaded CPU slows validation; the partial epoch below is the proof
     assert len(hist.rows) == 1 and 0 < hist.images_seen < 64  # a partial epoch, validated and saved
     assert (tmp_path / "m.pt").exists()
     with pytest.raises(TrainError, match="time budget"):
