@@ -316,6 +316,7 @@ class _Ctx:
     rows: list[dict[str, Any]] = field(default_factory=list)
     t0: float = field(default_factory=time.monotonic)
     pretrained: dict[str, Any] = field(default_factory=dict)
+    synthetic_h5: Path | None = None
     log: Callable[[str], None] = print
     skipped: list[str] = field(default_factory=list)
 
@@ -452,9 +453,11 @@ def _predict(model, x: np.ndarray) -> np.ndarray:
 
 
 def _record(ctx: _Ctx, condition: str, k: int, fold: int, test: np.ndarray, preds: list[np.ndarray],
-            seconds: float, variant: str = "") -> dict[str, Any]:
+            seconds: float, variant: str = "", n_train: int | None = None) -> dict[str, Any]:
+    """One result row; ``k = -1`` means every dev image of the fold (``n_train`` of them)."""
     per = [score(p, ctx.real.y[i], ctx.spec.task, ctx.spec.tolerance) for p, i in zip(preds, test)]
     row = {"condition": condition, "variant": variant, "k": k, "fold": fold, "n_test": len(test),
+           "n_train": k if n_train is None else n_train,
            **_mean_rows(per), "seconds": round(seconds, 1)}
     ctx.rows.append(row)
     main = _main_metric(ctx.spec.task)
@@ -550,18 +553,20 @@ def _adabn_copy(ctx: _Ctx, base, images: np.ndarray):
     """A copy of ``base`` whose BatchNorm statistics are re-estimated on real images (no labels)."""
     import torch
 
-    from sdk.transfer import reestimate_bn
+    from sdk.adapt import adabn
 
     model = copy.deepcopy(base)
-    reestimate_bn(model, [torch.from_numpy(ctx.real.x[i][None]) for i in images], device="cpu")
-    return model
+    return adabn(model, torch.from_numpy(np.stack([ctx.real.x[i] for i in images])), batch_size=8, device="cpu")
 
 
-def _finetune(ctx: _Ctx, base, train: _ArrayData, seed: int, *, frozen: bool, bn_reestimate: np.ndarray | None = None,
-              **trainer_kw: Any):
+def _finetune(ctx: _Ctx, base, train, seed: int, *, frozen: bool, bn_reestimate: np.ndarray | None = None,
+              copy_base: bool = True, **trainer_kw: Any):
     from sdk.transfer import GradualUnfreezing, freeze_backbone, param_groups
 
-    model = _adabn_copy(ctx, base, bn_reestimate) if bn_reestimate is not None else copy.deepcopy(base)
+    if bn_reestimate is not None:
+        model = _adabn_copy(ctx, base, bn_reestimate)
+    else:
+        model = copy.deepcopy(base) if copy_base else base
     freeze_backbone(model, bn="eval" if bn_reestimate is not None else "train")
     if frozen:  # feature extraction: the encoder stays frozen, decoder/head learn
         return _fit(ctx, model, train, minutes=ctx.spec.budget.model_minutes, seed=seed, **trainer_kw)
@@ -574,7 +579,7 @@ def _finetune(ctx: _Ctx, base, train: _ArrayData, seed: int, *, frozen: bool, bn
 def _run_models(ctx: _Ctx, fold: int, dev: np.ndarray, test: np.ndarray, k: int, conditions: list[str],
                 base) -> None:
     spec, real = ctx.spec, ctx.real
-    seed = spec.seed * 1000 + fold * 10 + k
+    seed = spec.seed * 1000 + fold * 100 + (k if k >= 0 else 99)
     idx = list(dev) if k < 0 else _choose(real, dev, k, seed)
     kk = len(idx)
     colour = spec.real.channels == 3
@@ -606,11 +611,60 @@ def _run_models(ctx: _Ctx, fold: int, dev: np.ndarray, test: np.ndarray, k: int,
         else:  # pragma: no cover - guarded by the schema
             raise StudyError(f"unknown condition {cond}")
         preds = [_predict(model, real.x[i]) for i in test]
-        _record(ctx, cond, kk if cond != "scratch_all" else len(dev), fold, test, preds, time.monotonic() - t)
+        _record(ctx, cond, kk if cond != "scratch_all" else -1, fold, test, preds, time.monotonic() - t,
+                n_train=kk)
+
+
+def _dev_tensor(ctx: _Ctx, dev: np.ndarray, crop: int, seed: int):
+    """Unlabelled dev images as one (N, C, crop, crop) tensor (a seeded random crop of each)."""
+    import torch
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in dev:
+        x = ctx.real.x[i]
+        h, w = x.shape[-2:]
+        c = min(crop, h, w)
+        r0, c0 = int(rng.integers(0, h - c + 1)), int(rng.integers(0, w - c + 1))
+        out.append(x[:, r0:r0 + c, c0:c0 + c])
+    return torch.from_numpy(np.stack(out).astype(np.float32))
+
+
+def _finetune_dann(ctx: _Ctx, base, xs, ys, dev, seed):
+    """Fine-tuning plus a gradient-reversal domain classifier: real dev images are the target."""
+    from sdk.adapt import DANN
+
+    crop = ctx.spec.model.crop
+    data = _ArrayData(xs, ys, crop, _augment("light", False), seed)
+    model = copy.deepcopy(base)
+    dann = DANN(model, _dev_tensor(ctx, dev, crop, seed), hidden=32, weight=0.3, seed=seed)
+    return _finetune(ctx, model, data, seed, frozen=False, adaptation=dann, copy_base=False)
+
+
+def _finetune_fda(ctx: _Ctx, base, xs, ys, dev, seed):
+    """Fine-tuning on the k real crops mixed with synthetic crops restyled by Fourier domain
+    adaptation towards the (unlabelled) dev images (Yang & Soatto 2020)."""
+    from torch.utils.data import ConcatDataset
+
+    from sdk.adapt import FDATransform
+    from sdk.data import SyntheticDataset
+
+    spec = ctx.spec
+    crop = spec.model.crop
+    targets = [np.moveaxis(ctx.real.x[i], 0, -1) for i in dev]
+    syn = SyntheticDataset(ctx.synthetic_h5, label=spec.synthetic.label, crop=crop, channels=spec.real.channels,
+                           normalize="percentile", random_crop=True,
+                           transform=FDATransform(targets, beta=(0.005, 0.02), seed=seed, p=1.0))
+    real = _ArrayData(xs, ys, crop, _augment("light", False), seed)
+    # as many real items as synthetic ones: the real crops are seen every other batch on average
+    reps = max(1, len(syn) // max(1, len(real)))
+    data = ConcatDataset([syn] + [real] * reps)
+    return _finetune(ctx, base, data, seed, frozen=False)
 
 
 #: adaptation conditions: name → fn(ctx, base_model, xs, ys, dev_indices, seed) -> model
-_ADAPT_CONDITIONS: dict[str, Callable[..., Any]] = {}
+_ADAPT_CONDITIONS: dict[str, Callable[..., Any]] = {"finetune_dann": _finetune_dann,
+                                                     "finetune_fda": _finetune_fda}
 
 
 def run_study(spec: StudySpec, base_dir: str | os.PathLike, out: str | os.PathLike, *,
@@ -645,7 +699,7 @@ def run_study(spec: StudySpec, base_dir: str | os.PathLike, out: str | os.PathLi
         recipe = (base / spec.synthetic.recipe).resolve()
         if not recipe.is_file():
             raise StudyError(f"synthetic recipe not found: {recipe}")
-        h5 = _synthetic_file(ctx, recipe, spec.synthetic.samples, "main")
+        h5 = ctx.synthetic_h5 = _synthetic_file(ctx, recipe, spec.synthetic.samples, "main")
         base_model = _pretrain(ctx, h5, "main", spec.budget.pretrain_minutes)
 
     with torch.random.fork_rng():
@@ -705,7 +759,7 @@ def _run_ablation(ctx: _Ctx, folds: list[tuple[np.ndarray, np.ndarray]]) -> None
             _record(ctx, "ablation", 0, fold, test, [_predict(model, ctx.real.x[i]) for i in test],
                     time.monotonic() - t, variant=v["name"])
             if k > 0 and not ctx.over_budget():
-                seed = spec.seed * 1000 + fold * 10 + k
+                seed = spec.seed * 1000 + fold * 100 + (k if k >= 0 else 99)
                 idx = _choose(ctx.real, dev, k, seed)
                 t = time.monotonic()
                 m = _finetune(ctx, model, _ArrayData([ctx.real.x[i] for i in idx], [ctx.real.y[i] for i in idx],
@@ -740,7 +794,8 @@ def _markdown(spec: StudySpec, summary: list[dict[str, Any]], minutes: float) ->
              "| condition | k | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
     for r in summary:
         name = r["condition"] + (f" ({r['variant']})" if r["variant"] else "")
-        lines.append(f"| {name} | {r['k']} | "
+        kk = "all dev" if r["k"] < 0 else r["k"]
+        lines.append(f"| {name} | {kk} | "
                      + " | ".join(f"{r[k]:.3f} ± {r[k + '_sd']:.3f}" for k in keys) + " |")
     abl = [r for r in summary if r["condition"] == "ablation"]
     if abl:
@@ -783,6 +838,7 @@ def _plot(spec: StudySpec, summary: list[dict[str, Any]], path: Path) -> None:
         if len(rs) == 1 and c in _ZERO_LABEL + ("scratch_all",):
             ax.axhline(rs[0][main], ls=":", lw=1.2, label=f"{c} (k={ks[0]})", color=None)
             continue
+        ks = [k if k >= 0 else np.nan for k in ks]
         ax.errorbar(ks, [r[main] for r in rs], yerr=[r[main + "_sd"] for r in rs], marker="o", capsize=3, label=c)
     ax.set(xlabel="real labelled crops k", ylabel=main, title=f"{spec.name}: {main} vs k")
     ax.grid(alpha=0.3)
