@@ -214,7 +214,9 @@ def detect(
         )
     if not 1 <= bit_depth <= 16:
         raise ValueError(f"bit_depth must be 1..16, got {bit_depth}")
-    sig = np.ascontiguousarray(signal, dtype=np.float64)
+    # float32 is read as is (each value is widened exactly to float64 in the kernel)
+    sig = np.ascontiguousarray(signal, dtype=np.float32 if signal.dtype == np.float32
+                               else np.float64)
     if np.any(sig < 0) or not np.all(np.isfinite(sig)):
         raise ValueError("signal must be finite and >= 0")
     vmax = float(2**bit_depth - 1)

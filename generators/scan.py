@@ -29,6 +29,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+from numba import njit, prange
 
 __all__ = ["ScanModel", "ScanParams", "scan_coordinates", "mains_phase_step"]
 
@@ -203,6 +204,22 @@ class ScanModel:
         return scan_coordinates(self.shape, params)
 
 
+@njit(parallel=True, cache=True)
+def _linear_scan_kernel(x0, y0, dx, dy, jitter, x, y):
+    """Offset, linear drift and line jitter: ``x = ((x0 + c) + dx·t) + jitter[r]``,
+    ``y = (y0 + r) + dy·t``, ``t = (r·W + c)/(H·W)``, in this order of operations (the bytes of
+    the NumPy expression of the same formula; no fused multiply-add)."""
+    h, w = x.shape
+    n = float(h * w)
+    for r in prange(h):
+        jr = jitter[r]
+        fr = float(r)
+        for c in range(w):
+            t = float(r * w + c) / n
+            x[r, c] = ((x0 + float(c)) + dx * t) + jr
+            y[r, c] = (y0 + fr) + dy * t
+
+
 def scan_coordinates(shape: tuple[int, int], params: ScanParams) -> tuple[np.ndarray, np.ndarray]:
     """Specimen coordinates of every pixel.
 
@@ -223,10 +240,11 @@ def scan_coordinates(shape: tuple[int, int], params: ScanParams) -> tuple[np.nda
     h, w = int(shape[0]), int(shape[1])
     if params.line_jitter.shape != (h,):
         raise ValueError(f"line_jitter must have shape ({h},), got {params.line_jitter.shape}")
-    t = (np.arange(h)[:, None] * w + np.arange(w)[None, :]) / float(h * w)
-    x = params.offset[0] + np.arange(w, dtype=np.float64)[None, :] + params.drift[0] * t
-    x = x + params.line_jitter[:, None]
-    y = params.offset[1] + np.arange(h, dtype=np.float64)[:, None] + params.drift[1] * t
+    x = np.empty((h, w))
+    y = np.empty((h, w))
+    jitter = np.ascontiguousarray(params.line_jitter, np.float64)
+    _linear_scan_kernel(float(params.offset[0]), float(params.offset[1]), float(params.drift[0]),
+                        float(params.drift[1]), jitter, x, y)
     if params.walk is not None:
         wx, wy = params.walk
         if wx.shape != (h + 1,) or wy.shape != (h + 1,):

@@ -3,7 +3,9 @@
 **Cell polygons.**  :func:`cell_polygons` turns a :class:`~generators.voronoi.Tessellation` into
 one convex polygon per seed by clipping a box with the radical half-planes
 ``π_p(u) ≤ π_q(u)`` of neighbouring seeds (and, for periodic specimens, of periodic images,
-including the seed's own).  Neighbours come nearest first; the clipping stops once a certificate
+including the seed's own).  Candidates are visited ring by ring on a bucket grid (about six
+seeds per grid cell; lines that cannot reach the polygon are skipped) or, for the rare cell that
+does not finish there, nearest first from a k-d tree; the clipping stops once a certificate
 proves that no unvisited seed can cut the polygon: with weights shifted to ``w ≤ 0`` a seed at
 distance ``≥ D`` has its radical line at distance ``≥ (D² + w_p) / (2D)`` from ``p``, so the
 polygon is final when that bound exceeds its farthest vertex.  Every edge carries the index of the
@@ -184,6 +186,129 @@ def _cells_kernel(px, py, pw, todo, cx, cy, cw, cid, cd, dbound, box, cap, vx, v
             ve[t, v] = ae[v]
 
 
+@njit(cache=True, inline="always")
+def _rmax2(ax, ay, n):
+    """Squared distance of the farthest vertex (vertices relative to the seed)."""
+    r = 0.0
+    for v in range(n):
+        r = max(r, ax[v] * ax[v] + ay[v] * ay[v])
+    return r
+
+
+@njit(cache=True, inline="always")
+def _wrap_index(j, n):
+    """``(j mod n, j // n)`` without an integer division for at most one period out."""
+    if 0 <= j < n:
+        return j, 0
+    if n <= j < 2 * n:
+        return j - n, 1
+    if -n <= j < 0:
+        return j + n, -1
+    g = j % n
+    return g, (j - g) // n
+
+
+@njit(parallel=True, cache=True)
+def _cells_ring_kernel(px, py, pw, gx, gy, gw, gid, gstart, nx, ny, hx, hy, lx, ly, periodic,
+                       box, cap, vx, vy, ve, nv, ok):
+    """Power cells of all seeds by a ring search on a bucket grid (``gx, gy, gw, gid``: seeds
+    sorted by grid cell, ``gstart``: CSR offsets): clip the box with the seeds (and periodic
+    images) of rings 0, 1, ... of grid cells around the seed's cell until the certificate holds
+    for ring ``k`` (unvisited seeds lie outside the square of rings ``< k``).  Lines that cannot cut
+    the polygon (radical line beyond its farthest vertex) are skipped.  ``ok[i]`` is False when
+    the vertex buffer (``cap``) or the ring limit ran out: such cells are redone elsewhere."""
+    n = px.shape[0]
+    hmin = min(hx, hy)
+    kmax = int(math.ceil(4.0 * max(lx, ly) / hmin)) + 2
+    for i in prange(n):
+        ax = np.empty(cap)
+        ay = np.empty(cap)
+        ae = np.empty(cap, dtype=np.int32)
+        bx = np.empty(cap)
+        by = np.empty(cap)
+        be = np.empty(cap, dtype=np.int32)
+        ax[0] = box[i, 0]
+        ay[0] = box[i, 1]
+        ax[1] = box[i, 2]
+        ay[1] = box[i, 1]
+        ax[2] = box[i, 2]
+        ay[2] = box[i, 3]
+        ax[3] = box[i, 0]
+        ay[3] = box[i, 3]
+        for e in range(4):
+            ae[e] = -1
+        m = 4
+        cx = min(max(int(math.floor(px[i] / hx)), 0), nx - 1)
+        cy = min(max(int(math.floor(py[i] / hy)), 0), ny - 1)
+        rmax2 = _rmax2(ax, ay, m)
+        done = False
+        full = False
+        for k in range(kmax):
+            # unvisited seeds lie outside the square of rings < k around the seed's grid cell
+            dk = min(min(px[i] - (cx - k + 1) * hx, (cx + k) * hx - px[i]),
+                     min(py[i] - (cy - k + 1) * hy, (cy + k) * hy - py[i]))
+            if k >= 1 and _certified(dk, pw[i], ax, ay, m):
+                done = True
+                break
+            if not periodic and k > max(max(cx, nx - 1 - cx), max(cy, ny - 1 - cy)):
+                done = True  # every seed visited
+                break
+            for jy in range(cy - k, cy + k + 1):
+                edge_row = jy == cy - k or jy == cy + k
+                step = 1 if (edge_row or k == 0) else 2 * k
+                for jx in range(cx - k, cx + k + 1, step):
+                    if periodic:
+                        wx, sx_ = _wrap_index(jx, nx)
+                        wy, sy_ = _wrap_index(jy, ny)
+                        shx = sx_ * lx
+                        shy = sy_ * ly
+                    else:
+                        if jx < 0 or jx >= nx or jy < 0 or jy >= ny:
+                            continue
+                        wx = jx
+                        wy = jy
+                        shx = 0.0
+                        shy = 0.0
+                    c = wy * nx + wx
+                    for t in range(gstart[c], gstart[c + 1]):
+                        ex = gx[t] + shx - px[i]
+                        ey = gy[t] + shy - py[i]
+                        sep2 = ex * ex + ey * ey
+                        if sep2 == 0.0:
+                            continue  # the seed itself (or an exact duplicate)
+                        rhs = sep2 - gw[t] + pw[i]
+                        if rhs > 0.0 and rhs * rhs >= 4.0 * sep2 * rmax2:
+                            continue  # the radical line misses the polygon's circumdisc
+                        cut = False
+                        for u in range(m):  # ... or misses the polygon: no copy
+                            if 2.0 * ex * ax[u] + 2.0 * ey * ay[u] - rhs > 0.0:
+                                cut = True
+                                break
+                        if not cut:
+                            continue
+                        if m + 1 >= cap:
+                            full = True
+                            break
+                        m = _clip(ax, ay, ae, m, 2.0 * ex, 2.0 * ey, rhs, gid[t], bx, by, be)
+                        ax, bx = bx, ax
+                        ay, by = by, ay
+                        ae, be = be, ae
+                        rmax2 = _rmax2(ax, ay, m)
+                    if full:
+                        break
+                if full:
+                    break
+            if full:
+                break
+        ok[i] = done and not full
+        nv[i] = m
+        if ok[i]:
+            for v in range(m):
+                vx[i, v] = ax[v] + px[i]
+                vy[i, v] = ay[v] + py[i]
+                ve[i, v] = ae[v]
+
+
 @dataclass(frozen=True, eq=False)
 class CellPolygons:
     """Convex cell polygons of a tessellation (CSR layout).
@@ -240,14 +365,73 @@ class CellPolygons:
                 self.origins[i, 1] + dy - ly * np.round(dy / ly))
 
 
-def cell_polygons(tess: Tessellation, first_candidates: int = 16) -> CellPolygons:
+def _ring_cells(seeds: np.ndarray, w: np.ndarray, extent: tuple[float, float], periodic: bool,
+                cap: int = 48):
+    """Cells certified by :func:`_cells_ring_kernel`: (cells, counts, vx, vy, ve) rows."""
+    n = seeds.shape[0]
+    lx, ly = extent
+    h = math.sqrt(lx * ly * 6.0 / n)  # about six seeds per grid cell (measured fastest)
+    nx = max(1, int(round(lx / h)))
+    ny = max(1, int(round(ly / h)))
+    hx, hy = lx / nx, ly / ny
+    cell = (np.clip(np.floor(seeds[:, 1] / hy), 0, ny - 1).astype(np.int64) * nx
+            + np.clip(np.floor(seeds[:, 0] / hx), 0, nx - 1).astype(np.int64))
+    order = np.argsort(cell, kind="stable")
+    gstart = np.zeros(nx * ny + 1, dtype=np.int64)
+    gstart[1:] = np.cumsum(np.bincount(cell, minlength=nx * ny))
+    if periodic:
+        box = np.tile(np.array([-lx, -ly, lx, ly], dtype=np.float64), (n, 1))
+    else:
+        mrg = max(lx, ly)
+        box = np.ascontiguousarray(np.c_[-mrg - seeds[:, 0], -mrg - seeds[:, 1],
+                                         lx + mrg - seeds[:, 0], ly + mrg - seeds[:, 1]])
+    vx = np.zeros((n, cap))
+    vy = np.zeros((n, cap))
+    ve = np.zeros((n, cap), dtype=np.int32)
+    nv = np.zeros(n, dtype=np.int64)
+    ok = np.zeros(n, dtype=np.bool_)
+    _cells_ring_kernel(np.ascontiguousarray(seeds[:, 0]), np.ascontiguousarray(seeds[:, 1]),
+                       np.ascontiguousarray(w, dtype=np.float64),
+                       np.ascontiguousarray(seeds[order, 0]), np.ascontiguousarray(seeds[order, 1]),
+                       np.ascontiguousarray(w[order], dtype=np.float64), order.astype(np.int32),
+                       gstart, nx, ny, hx, hy, float(lx), float(ly), bool(periodic), box, cap,
+                       vx, vy, ve, nv, ok)
+    return np.flatnonzero(ok), nv[ok], vx[ok], vy[ok], ve[ok]
+
+
+def _assemble(n, rounds, seeds, extent, periodic) -> CellPolygons:
+    """CSR assembly of the per-pass rows, vectorised (each cell certified in one pass)."""
+    counts = np.zeros(n, dtype=np.int64)
+    for cells, nvs, _, _, _ in rounds:
+        counts[cells] = nvs
+    start = np.zeros(n + 1, dtype=np.int64)
+    start[1:] = np.cumsum(counts)
+    verts = np.empty((int(start[-1]), 2))
+    edges = np.empty(int(start[-1]), dtype=np.int32)
+    for cells, nvs, vx, vy, ve in rounds:
+        used = np.arange(vx.shape[1])[None, :] < nvs[:, None]
+        pos = (start[cells][:, None] + np.arange(vx.shape[1])[None, :])[used]
+        verts[pos, 0] = vx[used]
+        verts[pos, 1] = vy[used]
+        edges[pos] = ve[used]
+    return CellPolygons(vertices=verts, edge_neighbour=edges, start=start,
+                        origins=seeds.copy(), extent=(float(extent[0]), float(extent[1])),
+                        periodic=bool(periodic))
+
+
+def cell_polygons(tess: Tessellation, first_candidates: int = 16, ring_search: bool = True
+                  ) -> CellPolygons:
     """Exact convex polygons of every cell of ``tess`` (see module docstring).
 
     Parameters
     ----------
     tess : Tessellation
     first_candidates : int
-        Neighbours tried first per cell (doubled for cells whose certificate fails; a speed knob).
+        Neighbours tried first per cell by the k-d-tree search (doubled for cells whose
+        certificate fails; a speed knob).
+    ring_search : bool
+        First try every cell by a ring search on a bucket grid (:func:`_cells_ring_kernel`; the
+        fast path, no k-d-tree queries); cells it cannot finish go to the k-d-tree search.
 
     Returns
     -------
@@ -263,7 +447,15 @@ def cell_polygons(tess: Tessellation, first_candidates: int = 16) -> CellPolygon
     w = np.zeros(n) if tess.weights is None else tess.weights - tess.weights.max()
     periodic = bool(tess.periodic)
     m_img = 1 if periodic else 0
-    while True:
+    rounds = []  # (cells, vertex counts, vx, vy, ve) of the certified rows of each pass
+    todo = np.arange(n)
+    if ring_search:
+        rounds.append(_ring_cells(seeds, w, (lx, ly), periodic))
+        if rounds[-1][0].size == n:  # the usual case: every cell certified
+            todo = todo[:0]
+        else:
+            todo = np.setdiff1d(todo, rounds[-1][0])
+    while todo.size:
         shifts = np.array([(a * lx, b * ly) for a in range(-m_img, m_img + 1)
                            for b in range(-m_img, m_img + 1)])
         pts = (seeds[None, :, :] + shifts[:, None, :]).reshape(-1, 2)
@@ -280,10 +472,7 @@ def cell_polygons(tess: Tessellation, first_candidates: int = 16) -> CellPolygon
             mrg = max(lx, ly)
             box = np.c_[-mrg - seeds[:, 0], -mrg - seeds[:, 1],
                         lx + mrg - seeds[:, 0], ly + mrg - seeds[:, 1]]
-        todo = np.arange(n)
         k = min(first_candidates + 1, total)
-        result_v = [None] * n
-        result_e = [None] * n
         while todo.size:
             kk = min(k + 1, total)
             dist, idx = tree.query(seeds[todo], k=kk)
@@ -304,10 +493,7 @@ def cell_polygons(tess: Tessellation, first_candidates: int = 16) -> CellPolygon
                           np.ascontiguousarray(pts[sel, 0]), np.ascontiguousarray(pts[sel, 1]),
                           np.ascontiguousarray(pw[sel]), np.ascontiguousarray(pid[sel]),
                           np.ascontiguousarray(dist[:, :use]), dbound, box, cap, vx, vy, ve, nv, ok)
-            for t in np.nonzero(ok)[0]:
-                i = todo[t]
-                result_v[i] = np.c_[vx[t, :nv[t]], vy[t, :nv[t]]]
-                result_e[i] = ve[t, :nv[t]].copy()
+            rounds.append((todo[ok], nv[ok], vx[ok], vy[ok], ve[ok]))
             todo = todo[~ok]
             if use >= total:
                 break
@@ -317,13 +503,7 @@ def cell_polygons(tess: Tessellation, first_candidates: int = 16) -> CellPolygon
         m_img += 1  # periodic only: more images needed (very few or very unequal cells)
         if not periodic or m_img > 8:
             raise ValueError("could not certify the cell polygons (degenerate tessellation)")
-    counts = np.array([len(e) for e in result_e], dtype=np.int64)
-    start = np.zeros(n + 1, dtype=np.int64)
-    start[1:] = np.cumsum(counts)
-    verts = np.concatenate(result_v) if start[-1] else np.zeros((0, 2))
-    edges = np.concatenate(result_e).astype(np.int32) if start[-1] else np.zeros(0, np.int32)
-    return CellPolygons(vertices=np.ascontiguousarray(verts), edge_neighbour=edges, start=start,
-                        origins=seeds.copy(), extent=(lx, ly), periodic=periodic)
+    return _assemble(n, rounds, seeds, (lx, ly), periodic)
 
 
 # --------------------------------------------------------------------------------------------
@@ -542,8 +722,8 @@ class SubgrainStructure:
 
 
 def build_subgrains(tess: Tessellation, sub_seeds: np.ndarray, delta: np.ndarray | None = None,
-                    polygons: CellPolygons | None = None, params: dict | None = None
-                    ) -> SubgrainStructure:
+                    polygons: CellPolygons | None = None, params: dict | None = None,
+                    label_cap: float = np.inf) -> SubgrainStructure:
     """Sub-grain structure from given sub-seed positions (the deterministic half of sampling).
 
     Parameters
@@ -558,6 +738,9 @@ def build_subgrains(tess: Tessellation, sub_seeds: np.ndarray, delta: np.ndarray
         ``cell_polygons(tess)`` if already computed.
     params : dict, optional
         Stored with the structure.
+    label_cap : float
+        ``max_distance`` of the ``tess.label`` call that finds the parents (px; the ids do not
+        depend on it): pass the cap the frames are labelled with to share its cached tile lists.
 
     Returns
     -------
@@ -574,7 +757,8 @@ def build_subgrains(tess: Tessellation, sub_seeds: np.ndarray, delta: np.ndarray
         raise ValueError(f"delta must have shape ({m},), got {dl.shape}")
     cells = cell_polygons(tess) if polygons is None else polygons
     n = tess.n_seeds
-    parent = tess.label(sub[:, 0], sub[:, 1])[0].astype(np.int32) if m else np.zeros(0, np.int32)
+    parent = (tess.label(sub[:, 0], sub[:, 1], max_distance=label_cap)[0].astype(np.int32)
+              if m else np.zeros(0, np.int32))
     order = np.argsort(parent, kind="stable")
     sub, parent, dl = sub[order], parent[order], dl[order]
     fx, fy = cells.to_frame(parent, sub[:, 0], sub[:, 1])
@@ -704,8 +888,10 @@ class Subgrains:
         _check_range("subgrains.groove_depth", self.groove_depth, 0.0, 1.0)
 
     def sample_specimen(self, rng: np.random.Generator, tess: Tessellation,
-                        polygons: CellPolygons | None = None) -> SubgrainStructure:
-        """Draw the sub-grains of a specimen (sub-seeds, subdivided grains, intensity deltas)."""
+                        polygons: CellPolygons | None = None, label_cap: float = np.inf
+                        ) -> SubgrainStructure:
+        """Draw the sub-grains of a specimen (sub-seeds, subdivided grains, intensity deltas);
+        ``label_cap``: see :func:`build_subgrains` (results do not depend on it)."""
         n = tess.n_seeds
         lx, ly = tess.extent
         per_grain = float(rng.uniform(*self.subgrains_per_grain))
@@ -714,11 +900,13 @@ class Subgrains:
         sub = rng.random((m, 2)) * np.array([lx, ly])
         divided = rng.random(n) < self.grain_fraction
         delta = rng.uniform(-amp, amp, m)
-        parent = tess.label(sub[:, 0], sub[:, 1])[0] if m else np.zeros(0, np.int32)
+        parent = (tess.label(sub[:, 0], sub[:, 1], max_distance=label_cap)[0] if m
+                  else np.zeros(0, np.int32))
         keep = divided[parent]
         params = {"subgrains_per_grain": per_grain, "intensity_delta": amp,
                   "n_subgrain_seeds": int(keep.sum()), "n_divided_grains": int(divided.sum())}
-        return build_subgrains(tess, sub[keep], delta[keep], polygons=polygons, params=params)
+        return build_subgrains(tess, sub[keep], delta[keep], polygons=polygons, params=params,
+                               label_cap=label_cap)
 
     def sample(self, rng: np.random.Generator) -> SubgrainParams:
         """Per-frame groove draws."""

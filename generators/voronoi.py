@@ -19,6 +19,14 @@ that neither the nearest seed nor the boundary distance can change.  With weight
 for a seed at distance ``≥ r``.  The search is exact; ``max_distance`` caps the boundary distance
 (distances at or above the cap are returned as the cap) and so bounds the search.
 
+Fast path for a finite cap (the pipeline's case): the specimen is cut into small square tiles and,
+once per tessellation and cap, every tile gets its candidate seeds (all that can be nearest in the
+tile or have a radical line within the cap of it), its *owners* (the candidates that can be nearest
+somewhere in the closed tile, a tested superset) and, per owner, its radical lines as affine
+functions of the point sorted by their minimum over the tile.  A point then costs one power distance
+per owner of its tile (most tiles have one) and the few lines that can still be closer than the
+best found.
+
 Points are independent, so the parallel loop gives identical results for any thread count.
 """
 
@@ -219,6 +227,20 @@ def _build_grid(seeds, nx, ny, hx, hy):
 
 
 @njit(cache=True, inline="always")
+def _wrap_cell(j, n):
+    """``(j mod n, j // n)`` for a cell index, without an integer division in the usual case of
+    at most one period out (the tile and ring scans call this for every cell they visit)."""
+    if 0 <= j < n:
+        return j, 0
+    if n <= j < 2 * n:
+        return j - n, 1
+    if -n <= j < 0:
+        return j + n, -1
+    g = j % n
+    return g, (j - g) // n
+
+
+@njit(cache=True, inline="always")
 def _ring_bounds(k, cx, cy, jy):
     """x-range of ring k on row jy (full row on the top/bottom edge, two cells otherwise)."""
     if jy == cy - k or jy == cy + k:
@@ -238,8 +260,8 @@ def _visit_ring(k, cx, cy, x, y, sx, sy, sw, start, nx, ny, lx, ly, periodic, ra
     for jy in range(cy - k, cy + k + 1):
         x0, x1, step = _ring_bounds(k, cx, cy, jy)
         if periodic:
-            gy = jy % ny
-            shy = ly * ((jy - gy) // ny)
+            gy, wy = _wrap_cell(jy, ny)
+            shy = ly * wy
         elif jy < 0 or jy >= ny:
             continue
         else:
@@ -248,8 +270,8 @@ def _visit_ring(k, cx, cy, x, y, sx, sy, sw, start, nx, ny, lx, ly, periodic, ra
         jx = x0
         while jx <= x1:
             if periodic:
-                gx = jx % nx
-                shx = lx * ((jx - gx) // nx)
+                gx, wx = _wrap_cell(jx, nx)
+                shx = lx * wx
             else:
                 gx = jx
                 shx = 0.0
@@ -353,11 +375,11 @@ def _tile_scan(sx, sy, sw, sid, start, nx, ny, hx, hy, lx, ly, periodic,
         jy1 = min(jy1, ny - 1)
     count = 0
     for jy in range(jy0, jy1 + 1):
-        gy = jy % ny
-        shy = ly * ((jy - gy) // ny)
+        gy, wy = _wrap_cell(jy, ny)
+        shy = ly * wy
         for jx in range(jx0, jx1 + 1):
-            gx = jx % nx
-            shx = lx * ((jx - gx) // nx)
+            gx, wx = _wrap_cell(jx, nx)
+            shx = lx * wx
             c = gy * nx + gx
             for t in range(start[c], start[c + 1]):
                 px = sx[t] + shx
@@ -391,11 +413,11 @@ def _tile_upper_bound(sx, sy, sw, start, nx, ny, hx, hy, lx, ly, periodic, x0, y
             jy1 = min(jy1, ny - 1)
         u = np.inf
         for jy in range(jy0, jy1 + 1):
-            gy = jy % ny
-            shy = ly * ((jy - gy) // ny)
+            gy, wy = _wrap_cell(jy, ny)
+            shy = ly * wy
             for jx in range(jx0, jx1 + 1):
-                gx = jx % nx
-                shx = lx * ((jx - gx) // nx)
+                gx, wx = _wrap_cell(jx, nx)
+                shx = lx * wx
                 c = gy * nx + gx
                 for t in range(start[c], start[c + 1]):
                     px = sx[t] + shx
@@ -408,6 +430,52 @@ def _tile_upper_bound(sx, sy, sw, start, nx, ny, hx, hy, lx, ly, periodic, x0, y
         if u < np.inf:
             return u
         radius *= 2.0
+
+
+@njit(cache=True)
+def _sort_candidates(xyw, ids, dc, a, b):
+    """Stable in-place insertion sort of candidates ``a..b-1`` by ``dc`` (lists are short;
+    no allocation, so the parallel tile build does not contend on the allocator)."""
+    for i in range(a + 1, b):
+        d = dc[i]
+        x0 = xyw[i, 0]
+        x1 = xyw[i, 1]
+        x2 = xyw[i, 2]
+        g = ids[i]
+        j = i - 1
+        while j >= a and dc[j] > d:
+            dc[j + 1] = dc[j]
+            xyw[j + 1, 0] = xyw[j, 0]
+            xyw[j + 1, 1] = xyw[j, 1]
+            xyw[j + 1, 2] = xyw[j, 2]
+            ids[j + 1] = ids[j]
+            j -= 1
+        dc[j + 1] = d
+        xyw[j + 1, 0] = x0
+        xyw[j + 1, 1] = x1
+        xyw[j + 1, 2] = x2
+        ids[j + 1] = g
+
+
+@njit(cache=True)
+def _sort_lines(lines, a, b):
+    """Stable in-place insertion sort of lines ``a..b-1`` (rows ``[lmin, ax, ay, c]``) by lmin."""
+    for i in range(a + 1, b):
+        l0 = lines[i, 0]
+        l1 = lines[i, 1]
+        l2 = lines[i, 2]
+        l3 = lines[i, 3]
+        j = i - 1
+        while j >= a and lines[j, 0] > l0:
+            lines[j + 1, 0] = lines[j, 0]
+            lines[j + 1, 1] = lines[j, 1]
+            lines[j + 1, 2] = lines[j, 2]
+            lines[j + 1, 3] = lines[j, 3]
+            j -= 1
+        lines[j + 1, 0] = l0
+        lines[j + 1, 1] = l1
+        lines[j + 1, 2] = l2
+        lines[j + 1, 3] = l3
 
 
 @njit(parallel=True, cache=True)
@@ -445,179 +513,245 @@ def _build_tiles(sx, sy, sw, sid, start, nx, ny, hx, hy, lx, ly, periodic, cap, 
         y0 = ty * thy
         _tile_scan(sx, sy, sw, sid, start, nx, ny, hx, hy, lx, ly, periodic,
                    x0, y0, x0 + thx, y0 + thy, radius[k], True, xyw, ids, dc, tstart[k])
-        a = tstart[k]
-        b = tstart[k + 1]
-        order = np.argsort(dc[a:b], kind="mergesort") + a
-        xyw[a:b] = xyw[order].copy()
-        ids[a:b] = ids[order].copy()
-        dc[a:b] = dc[order].copy()
+        _sort_candidates(xyw, ids, dc, tstart[k], tstart[k + 1])
     return tstart, xyw, ids, dc
 
 
-@njit(cache=True)
-def _pure_tile_lines(k, tstart, xyw, x0, y0, x1, y1, cap, fill, lines, lmin, pos):
-    """If the closed tile lies inside one cell, return (its candidate index, number of lines).
-
-    The candidate list holds every seed that can be nearest anywhere in the closed tile, so if all
-    four corners have the same strict nearest candidate, the convex power cell contains the tile.
-    Then the boundary distance in the tile is ``min_q (a_q · x + b_q)`` over the radical lines of
-    that seed, affine functions whose minimum over the tile sits at a corner; lines that stay
-    beyond ``cap`` over the whole tile are dropped.  Returns (-1, 0) for a tile cut by a boundary.
-    """
-    a = tstart[k]
-    b = tstart[k + 1]
-    t1 = -1
-    for corner in range(4):
-        cx = x0 if corner % 2 == 0 else x1
-        cy = y0 if corner < 2 else y1
-        best = np.inf
-        second = np.inf
-        bt = -1
-        for t in range(a, b):
-            dx = cx - xyw[t, 0]
-            dy = cy - xyw[t, 1]
-            p = dx * dx + dy * dy - xyw[t, 2]
-            if p < best:
-                second = best
-                best = p
-                bt = t
-            elif p < second:
-                second = p
-        if bt < 0 or not (second - best > 1e-9 * (1.0 + abs(best))):
-            return -1, 0
-        if t1 < 0:
-            t1 = bt
-        elif bt != t1:
-            return -1, 0
-    px = xyw[t1, 0]
-    py = xyw[t1, 1]
-    n = 0
+@njit(cache=True, inline="always")
+def _tile_u(a, b, xyw, x0, y0, x1, y1):
+    """U: an upper bound of the nearest power distance anywhere in the tile (with a margin).  A
+    candidate whose power distance exceeds U over the whole tile (``dc² − w > U``, ``dc`` a hair
+    low) is never nearest there."""
+    u = np.inf
     for t in range(a, b):
-        ex = xyw[t, 0] - px
-        ey = xyw[t, 1] - py
-        sep = math.sqrt(ex * ex + ey * ey)
-        if t == t1 or sep == 0.0:
+        ax = max(abs(xyw[t, 0] - x0), abs(xyw[t, 0] - x1))
+        ay = max(abs(xyw[t, 1] - y0), abs(xyw[t, 1] - y1))
+        u = min(u, ax * ax + ay * ay - xyw[t, 2])
+    return u + 1e-9 * (1.0 + abs(u))
+
+
+@njit(cache=True)
+def _tile_owner_lines(a, b, xyw, dc, x0, y0, x1, y1, cap, fill, oxyw, oid, ids, lcount, lines,
+                      opos, lpos):
+    """Owners of one closed tile and, per owner, its radical lines (affine in the point).
+
+    The candidates ``a..b-1`` (sorted by distance to the tile) hold every seed that can be nearest
+    anywhere in the tile and every seed whose radical line with the nearest can lie closer than
+    ``cap``.  A candidate ``q`` is an *owner* unless some other candidate ``p`` has a smaller power
+    distance at all four corners (``π_q − π_p`` is affine, so then everywhere in the tile) with a
+    margin: owners are a superset of the seeds nearest somewhere in the tile, in candidate order.
+    For owner ``o`` the boundary distance of a point ``x`` it owns is
+    ``min_q (π_q(x) − π_o(x)) / (2 |q − o|) = min_q (a_q · x + c_q)``; lines that stay at or beyond
+    ``cap`` over the whole tile (minimum at a corner) are dropped, the rest stored with that
+    minimum (``lmin``, a hair low) so that a point can stop once ``lmin ≥`` its best distance;
+    a line is stored as the row ``[lmin, a_x, a_y, c]`` (one cache line holds two).
+    Returns (number of owners, number of lines); ``fill`` writes them at ``opos`` / ``lpos``.
+    """
+    u = _tile_u(a, b, xyw, x0, y0, x1, y1)
+    no = 0
+    nl = 0
+    for q in range(a, b):
+        if dc[q] * dc[q] - xyw[q, 2] > u:
             continue
-        # (π_q(x) − π_1(x)) / (2 |q − p1|) = ax·x + ay·y + c
-        ax = -ex / sep
-        ay = -ey / sep
-        c = (xyw[t, 0] ** 2 + xyw[t, 1] ** 2 - px * px - py * py - xyw[t, 2] + xyw[t1, 2]) / (2.0 * sep)
-        m = min(min(ax * x0 + ay * y0, ax * x1 + ay * y0), min(ax * x0 + ay * y1, ax * x1 + ay * y1)) + c
-        if m >= cap:
+        owner = True
+        for p in range(a, b):
+            if p == q:
+                continue
+            lo = np.inf
+            scale = 0.0
+            for corner in range(4):
+                cx = x0 if corner % 2 == 0 else x1
+                cy = y0 if corner < 2 else y1
+                dqx = cx - xyw[q, 0]
+                dqy = cy - xyw[q, 1]
+                dpx = cx - xyw[p, 0]
+                dpy = cy - xyw[p, 1]
+                pq = dqx * dqx + dqy * dqy - xyw[q, 2]
+                pp = dpx * dpx + dpy * dpy - xyw[p, 2]
+                lo = min(lo, pq - pp)
+                scale = max(scale, abs(pq) + abs(pp))
+            if lo > 1e-9 * (1.0 + scale):  # p beats q everywhere in the tile
+                owner = False
+                break
+        if not owner:
             continue
+        px = xyw[q, 0]
+        py = xyw[q, 1]
+        n = 0
+        for t in range(a, b):
+            ex = xyw[t, 0] - px
+            ey = xyw[t, 1] - py
+            sep = math.sqrt(ex * ex + ey * ey)
+            if t == q or sep == 0.0:
+                continue
+            ax = -ex / sep
+            ay = -ey / sep
+            c = (xyw[t, 0] ** 2 + xyw[t, 1] ** 2 - px * px - py * py - xyw[t, 2] + xyw[q, 2]) / (
+                2.0 * sep)
+            m = min(min(ax * x0 + ay * y0, ax * x1 + ay * y0),
+                    min(ax * x0 + ay * y1, ax * x1 + ay * y1)) + c
+            if m >= cap:
+                continue
+            if fill:
+                j = lpos + nl + n
+                lines[j, 0] = m - 1e-9 * (1.0 + abs(m) + abs(c))
+                lines[j, 1] = ax
+                lines[j, 2] = ay
+                lines[j, 3] = c
+            n += 1
         if fill:
-            lines[pos + n, 0] = ax
-            lines[pos + n, 1] = ay
-            lines[pos + n, 2] = c
-            lmin[pos + n] = m - 1e-9 * (1.0 + abs(m))
-        n += 1
-    return t1, n
+            j = opos + no
+            oxyw[j, 0] = px
+            oxyw[j, 1] = py
+            oxyw[j, 2] = xyw[q, 2]
+            oid[j] = ids[q]
+            lcount[j] = n
+            _sort_lines(lines, lpos + nl, lpos + nl + n)
+        no += 1
+        nl += n
+    return no, nl
 
 
 @njit(parallel=True, cache=True)
-def _build_pure(tstart, xyw, tnx, tny, lx, ly, cap):
+def _build_owners(tstart, xyw, ids, dc, tnx, tny, lx, ly, cap):
+    """Per tile: owners (``ostart``, ``oxyw``, ``oid``) and per owner its lines (``lstart``).
+
+    One pass computes every tile into slots sized by a cheap bound (owners ≤ candidates within
+    U, lines ≤ owners × (candidates − 1)); a second pass packs them."""
     thx = lx / tnx
     thy = ly / tny
     nt = tnx * tny
-    pure = np.empty(nt, dtype=np.int64)
-    counts = np.zeros(nt + 1, dtype=np.int64)
-    dummy = np.empty((0, 3))
-    dummy_m = np.empty(0)
+    cap_o = np.zeros(nt + 1, dtype=np.int64)
+    cap_l = np.zeros(nt + 1, dtype=np.int64)
     for k in prange(nt):
         ty = k // tnx
         tx = k - ty * tnx
-        t1, n = _pure_tile_lines(k, tstart, xyw, tx * thx, ty * thy, (tx + 1) * thx, (ty + 1) * thy,
-                                 cap, False, dummy, dummy_m, 0)
-        pure[k] = t1
-        counts[k + 1] = n
-    lstart = np.cumsum(counts)
-    lines = np.empty((lstart[-1], 3))
-    lmin = np.empty(lstart[-1])
+        a = tstart[k]
+        b = tstart[k + 1]
+        u = _tile_u(a, b, xyw, tx * thx, ty * thy, (tx + 1) * thx, (ty + 1) * thy)
+        nu = 0
+        for q in range(a, b):
+            if not dc[q] * dc[q] - xyw[q, 2] > u:
+                nu += 1
+        cap_o[k + 1] = nu
+        cap_l[k + 1] = nu * max(b - a - 1, 0)
+    co = np.cumsum(cap_o)
+    cl = np.cumsum(cap_l)
+    s_xyw = np.empty((co[-1], 3))
+    s_id = np.empty(co[-1], dtype=np.int32)
+    s_lc = np.zeros(co[-1], dtype=np.int64)
+    s_lines = np.empty((cl[-1], 4))
+    ocount = np.zeros(nt + 1, dtype=np.int64)
+    tlines = np.zeros(nt + 1, dtype=np.int64)
     for k in prange(nt):
-        if pure[k] < 0:
-            continue
         ty = k // tnx
         tx = k - ty * tnx
-        a = lstart[k]
-        _pure_tile_lines(k, tstart, xyw, tx * thx, ty * thy, (tx + 1) * thx, (ty + 1) * thy,
-                         cap, True, lines, lmin, a)
-        b = lstart[k + 1]
-        order = np.argsort(lmin[a:b], kind="mergesort") + a
-        lines[a:b] = lines[order].copy()
-        lmin[a:b] = lmin[order].copy()
-    return pure, lstart, lines, lmin
+        no, nl = _tile_owner_lines(tstart[k], tstart[k + 1], xyw, dc, tx * thx, ty * thy,
+                                   (tx + 1) * thx, (ty + 1) * thy, cap, True, s_xyw, s_id, ids,
+                                   s_lc, s_lines, co[k], cl[k])
+        ocount[k + 1] = no
+        tlines[k + 1] = nl
+    ostart = np.cumsum(ocount)
+    tl = np.cumsum(tlines)
+    no_all = ostart[-1]
+    oxyw = np.empty((no_all, 3))
+    oid = np.empty(no_all, dtype=np.int32)
+    lcount = np.empty(no_all, dtype=np.int64)
+    lines = np.empty((tl[-1], 4))
+    for k in prange(nt):  # pack
+        for m in range(ocount[k + 1]):
+            src = co[k] + m
+            dst = ostart[k] + m
+            oxyw[dst, 0] = s_xyw[src, 0]
+            oxyw[dst, 1] = s_xyw[src, 1]
+            oxyw[dst, 2] = s_xyw[src, 2]
+            oid[dst] = s_id[src]
+            lcount[dst] = s_lc[src]
+        for m in range(tlines[k + 1]):
+            src = cl[k] + m
+            dst = tl[k] + m
+            lines[dst, 0] = s_lines[src, 0]
+            lines[dst, 1] = s_lines[src, 1]
+            lines[dst, 2] = s_lines[src, 2]
+            lines[dst, 3] = s_lines[src, 3]
+    lstart = np.empty(no_all + 1, dtype=np.int64)
+    lstart[0] = 0
+    for j in range(no_all):  # owners of a tile are consecutive, as are their lines
+        lstart[j + 1] = lstart[j] + lcount[j]
+    return ostart, oxyw, oid, lstart, lines
+
+
+@njit(cache=True, inline="always")
+def _wrap(x, lx):
+    """``x − lx·floor(x/lx)``: ``x`` itself inside ``[0, lx)``, one addition/subtraction (no
+    division) one period out, where the quotient's floor is ±1 and ``x − lx`` is exact.  May return
+    ``lx`` itself after rounding (``x`` a hair below 0), as the formula does; callers clamp the
+    tile index."""
+    if x < lx:
+        if x >= 0.0:
+            return x
+        if x >= -lx:
+            return x + lx
+    elif x < 2.0 * lx:
+        return x - lx
+    return x - lx * math.floor(x / lx)
 
 
 @njit(parallel=True, cache=True)
-def _tile_kernel(xs, ys, tstart, cxyw, cid, cdc, tnx, tny, lx, ly, periodic, cap,
-                 sx, sy, sw, sid, start, nx, ny, hx, hy, pure, lstart, lines, lmin, gid, dist):
+def _tile_kernel(xs, ys, tnx, tny, lx, ly, periodic, cap, ostart, oxyw, oid, lstart, lines,
+                 gid, dist):
+    """Label points from the tile owner lists.  Non-periodic points outside the specimen box get
+    ``gid = -1`` (left to the ring search); returns how many there were."""
     inv_thx = tnx / lx
     inv_thy = tny / ly
     n = xs.shape[0]
+    outside = 0
     for i in prange(n):
         x = xs[i]
         y = ys[i]
-        if x < 0.0 or y < 0.0 or x >= lx or y >= ly:
-            if periodic:
-                x = x - lx * math.floor(x / lx)
-                y = y - ly * math.floor(y / ly)
-            else:
-                g, d = _label_one(x, y, sx, sy, sw, sid, start, nx, ny, hx, hy, lx, ly, periodic, cap)
-                gid[i] = g
-                dist[i] = d
-                continue
+        if periodic:
+            x = _wrap(x, lx)
+            y = _wrap(y, ly)
+        elif x < 0.0 or y < 0.0 or x >= lx or y >= ly:
+            gid[i] = -1
+            outside += 1
+            continue
         tx = min(int(x * inv_thx), tnx - 1)
         ty = min(int(y * inv_thy), tny - 1)
         k = ty * tnx + tx
-        t1 = pure[k]
-        if t1 >= 0:  # the tile lies inside one cell: affine distances to its radical lines
-            bd = cap
-            for t in range(lstart[k], lstart[k + 1]):
-                if lmin[t] >= bd:
-                    break
-                d = lines[t, 0] * x + lines[t, 1] * y + lines[t, 2]
-                if d < bd:
-                    bd = d
-            gid[i] = cid[t1]
-            dist[i] = max(bd, 0.0)
-            continue
-        a = tstart[k]
-        b = tstart[k + 1]
-        best = np.inf
-        bt = a
-        for t in range(a, b):
-            dc = cdc[t]
-            if dc * dc >= best:
-                break
-            dx = x - cxyw[t, 0]
-            dy = y - cxyw[t, 1]
-            p = dx * dx + dy * dy - cxyw[t, 2]
-            if p < best:
-                best = p
-                bt = t
-        bx = cxyw[bt, 0]
-        by = cxyw[bt, 1]
-        d1 = math.sqrt((x - bx) * (x - bx) + (y - by) * (y - by))
-        # distances compared squared, (p - best)^2 < (2 bd)^2 sep^2, to avoid a sqrt per seed
+        a = ostart[k]
+        b = ostart[k + 1]
+        j = a
+        if b - a > 1:  # nearest owner in power distance (first in candidate order on a tie)
+            best = np.inf
+            for t in range(a, b):
+                dx = x - oxyw[t, 0]
+                dy = y - oxyw[t, 1]
+                p = dx * dx + dy * dy - oxyw[t, 2]
+                if p < best:
+                    best = p
+                    j = t
         bd = cap
-        four_bd2 = 4.0 * bd * bd
-        for t in range(a, b):
-            dc = cdc[t]
-            if dc * dc >= best and (dc * dc - best) >= 2.0 * (dc + d1) * bd:
+        for t in range(lstart[j], lstart[j + 1]):
+            if lines[t, 0] >= bd:
                 break
-            ex = cxyw[t, 0] - bx
-            ey = cxyw[t, 1] - by
-            sep2 = ex * ex + ey * ey
-            if sep2 == 0.0:
-                continue
-            dx = x - cxyw[t, 0]
-            dy = y - cxyw[t, 1]
-            num = dx * dx + dy * dy - cxyw[t, 2] - best
-            if num * num < four_bd2 * sep2:
-                bd = num / (2.0 * math.sqrt(sep2))
-                four_bd2 = 4.0 * bd * bd
-        gid[i] = cid[bt]
+            d = lines[t, 1] * x + lines[t, 2] * y + lines[t, 3]
+            if d < bd:
+                bd = d
+        gid[i] = oid[j]
         dist[i] = max(bd, 0.0)
+    return outside
+
+
+@njit(parallel=True, cache=True)
+def _label_subset(idx, xs, ys, sx, sy, sw, sid, start, nx, ny, hx, hy, lx, ly, periodic, cap,
+                  gid, dist):
+    for m in prange(idx.shape[0]):
+        i = idx[m]
+        g, d = _label_one(xs[i], ys[i], sx, sy, sw, sid, start, nx, ny, hx, hy, lx, ly, periodic,
+                          cap)
+        gid[i] = g
+        dist[i] = d
 
 
 @dataclass(frozen=True)
@@ -697,8 +831,8 @@ class Tessellation:
             tstart, xyw, ids, dc = _build_tiles(
                 sx, sy, sw, sid, start, nx, ny, hx, hy, lx, ly, bool(self.periodic), cap, tnx, tny
             )
-            pure = _build_pure(tstart, xyw, tnx, tny, lx, ly, cap)
-            self._tiles[cap] = (tstart, xyw, ids, dc, tnx, tny) + pure
+            owners = _build_owners(tstart, xyw, ids, dc, tnx, tny, lx, ly, cap)
+            self._tiles[cap] = (tnx, tny) + owners
         return self._tiles[cap]
 
     @property
@@ -752,7 +886,11 @@ def label_points(
         _label_kernel(xs, ys, sx, sy, sw, sid, start, nx, ny, hx, hy, lx, ly, periodic, cap, gid, dist)
     else:
         tiles = tess._tile_lists(cap)
-        tstart, cxyw, cid, cdc, tnx, tny, pure, lstart, lines, lmin = tiles
-        _tile_kernel(xs, ys, tstart, cxyw, cid, cdc, tnx, tny, lx, ly, periodic, cap,
-                     sx, sy, sw, sid, start, nx, ny, hx, hy, pure, lstart, lines, lmin, gid, dist)
+        tnx, tny, ostart, oxyw, oid, lstart, lines = tiles
+        outside = _tile_kernel(xs, ys, tnx, tny, lx, ly, periodic, cap, ostart, oxyw, oid, lstart,
+                               lines, gid, dist)
+        if outside:  # non-periodic points beyond the specimen box: exact ring search
+            idx = np.flatnonzero(gid < 0)
+            _label_subset(idx, xs, ys, sx, sy, sw, sid, start, nx, ny, hx, hy, lx, ly, periodic,
+                          cap, gid, dist)
     return gid.reshape(x.shape), dist.reshape(x.shape)

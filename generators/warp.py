@@ -26,19 +26,23 @@ from the pixel's own seed to the seed whose radical line is closest (:class:`Cel
 exact: the cell's neighbours in the exact polygons; :func:`radical_normals` is a k-d-tree
 variant for tessellations without polygons).
 
+The map kernel evaluates the modes with a branch-free sine/cosine (:func:`_sincos`, ~1e-15) so
+its pixel loop vectorises; :func:`image_space_distance` finds the normal and ``d_p`` in one pass.
+
 Units: px.  Kernels work on independent pixels (``prange``): results do not depend on thread count.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from numba import njit, prange
 from scipy.spatial import cKDTree
 
-__all__ = ["CoordinateMap", "Warp", "CellNeighbours", "stretch_matrix", "radical_normals"]
+__all__ = ["CoordinateMap", "Warp", "CellNeighbours", "stretch_matrix", "radical_normals",
+           "image_space_distance", "image_space_distance_const"]
 
 
 def stretch_matrix(elongation: float, angle_rad: float) -> np.ndarray:
@@ -50,37 +54,88 @@ def stretch_matrix(elongation: float, angle_rad: float) -> np.ndarray:
     return r @ np.diag([1.0 / math.sqrt(elongation), math.sqrt(elongation)]) @ r.T
 
 
+_HALF_PI = 0.5 * math.pi
+_TWO_OVER_PI = 2.0 / math.pi
+#: π/2 split in two parts (Cody–Waite) so that ``arg − q π/2`` keeps its accuracy
+_PIO2_HI = 1.5707963267341256e+00
+_PIO2_LO = 6.0771005065061922e-11
+
+
+@njit(cache=True, inline="always")
+def _sincos(arg):
+    """``(sin, cos)`` of ``arg`` (rad) to ~1e-15 for ``|arg| < 1e6``: one Cody–Waite reduction to
+    ``[−π/4, π/4]`` and Taylor polynomials (to x¹⁵ / x¹⁴); branch-free so loops over it vectorise."""
+    q = math.floor(arg * _TWO_OVER_PI + 0.5)
+    r = (arg - q * _PIO2_HI) - q * _PIO2_LO
+    r2 = r * r
+    sp = r * (1.0 + r2 * (-1.0 / 6 + r2 * (1.0 / 120 + r2 * (-1.0 / 5040 + r2 * (
+        1.0 / 362880 + r2 * (-1.0 / 39916800 + r2 * (1.0 / 6227020800
+                                                     - r2 / 1307674368000.0)))))))
+    cp = 1.0 + r2 * (-0.5 + r2 * (1.0 / 24 + r2 * (-1.0 / 720 + r2 * (1.0 / 40320 + r2 * (
+        -1.0 / 3628800 + r2 * (1.0 / 479001600 - r2 / 87178291200.0))))))
+    # quadrant k = q mod 4: (sin, cos) = (sp, cp), (cp, −sp), (−sp, −cp), (−cp, sp)
+    h = q * 0.5
+    odd = h - math.floor(h)  # 0 or 0.5
+    k2 = q * 0.25
+    f = k2 - math.floor(k2)  # 0, 0.25, 0.5, 0.75
+    swap = odd * 2.0  # 1 for k odd
+    ss = 1.0 - 2.0 * math.floor(2.0 * f)  # + for k = 0, 1
+    sc = 1.0 - 2.0 * math.floor(2.0 * f + 0.5 - 2.0 * math.floor(f + 0.25))  # + for k = 0, 3
+    s = ss * (sp + swap * (cp - sp))
+    c = sc * (cp + swap * (sp - cp))
+    return s, c
+
+
+#: pixels per block of the map kernel (fixed: the result does not depend on the thread count)
+_MAP_BLOCK = 256
+
+
 @njit(parallel=True, cache=True, fastmath=True)
 def _map_kernel(xs, ys, m, cx, cy, kv, av, ph, qx, qy, jac):
+    """Map and Jacobian of every point; blocks of pixels in ``prange``, the mode loop outside the
+    pixel loop (vectorised), each pixel's sums over the modes in mode order."""
     n = xs.shape[0]
     nm = kv.shape[0]
-    for i in prange(n):
-        px = xs[i] - cx
-        py = ys[i] - cy
-        vx = cx + m[0, 0] * px + m[0, 1] * py
-        vy = cy + m[1, 0] * px + m[1, 1] * py
-        ux = 0.0
-        uy = 0.0
-        d00 = 1.0
-        d01 = 0.0
-        d10 = 0.0
-        d11 = 1.0
+    nb = (n + _MAP_BLOCK - 1) // _MAP_BLOCK
+    for b in prange(nb):
+        lo = b * _MAP_BLOCK
+        hi = min(n, lo + _MAP_BLOCK)
+        cnt = hi - lo
+        vx = np.empty(cnt)
+        vy = np.empty(cnt)
+        ux = np.zeros(cnt)
+        uy = np.zeros(cnt)
+        d00 = np.ones(cnt)
+        d01 = np.zeros(cnt)
+        d10 = np.zeros(cnt)
+        d11 = np.ones(cnt)
+        for t in range(cnt):
+            px = xs[lo + t] - cx
+            py = ys[lo + t] - cy
+            vx[t] = cx + m[0, 0] * px + m[0, 1] * py
+            vy[t] = cy + m[1, 0] * px + m[1, 1] * py
         for j in range(nm):
-            arg = kv[j, 0] * vx + kv[j, 1] * vy + ph[j]
-            c = math.cos(arg)
-            s = math.sin(arg)
-            ux += av[j, 0] * c
-            uy += av[j, 1] * c
-            d00 -= av[j, 0] * kv[j, 0] * s
-            d01 -= av[j, 0] * kv[j, 1] * s
-            d10 -= av[j, 1] * kv[j, 0] * s
-            d11 -= av[j, 1] * kv[j, 1] * s
-        qx[i] = vx + ux
-        qy[i] = vy + uy
-        jac[i, 0] = d00 * m[0, 0] + d01 * m[1, 0]
-        jac[i, 1] = d00 * m[0, 1] + d01 * m[1, 1]
-        jac[i, 2] = d10 * m[0, 0] + d11 * m[1, 0]
-        jac[i, 3] = d10 * m[0, 1] + d11 * m[1, 1]
+            k0 = kv[j, 0]
+            k1 = kv[j, 1]
+            a0 = av[j, 0]
+            a1 = av[j, 1]
+            p = ph[j]
+            for t in range(cnt):
+                s, c = _sincos(k0 * vx[t] + k1 * vy[t] + p)
+                ux[t] += a0 * c
+                uy[t] += a1 * c
+                d00[t] -= a0 * k0 * s
+                d01[t] -= a0 * k1 * s
+                d10[t] -= a1 * k0 * s
+                d11[t] -= a1 * k1 * s
+        for t in range(cnt):
+            i = lo + t
+            qx[i] = vx[t] + ux[t]
+            qy[i] = vy[t] + uy[t]
+            jac[i, 0] = d00[t] * m[0, 0] + d01[t] * m[1, 0]
+            jac[i, 1] = d00[t] * m[0, 1] + d01[t] * m[1, 1]
+            jac[i, 2] = d10[t] * m[0, 0] + d11[t] * m[1, 0]
+            jac[i, 3] = d10[t] * m[0, 1] + d11[t] * m[1, 1]
 
 
 @dataclass(frozen=True, eq=False)
@@ -259,6 +314,14 @@ class CellNeighbours:
     neighbours: np.ndarray
     extent: tuple[float, float]
     periodic: bool
+    _lines: tuple = field(default=None, init=False, repr=False, compare=False)
+
+    def pair_lines(self) -> tuple:
+        """Per neighbour pair: ``e`` (x, y), unit normal (x, y) and ``c`` (see
+        :func:`_pair_lines`), computed once."""
+        if self._lines is None:
+            object.__setattr__(self, "_lines", _pair_lines(self))
+        return self._lines
 
     @classmethod
     def from_polygons(cls, cells, weights: np.ndarray | None) -> "CellNeighbours":
@@ -267,7 +330,8 @@ class CellNeighbours:
         owner = np.repeat(np.arange(n), np.diff(cells.start))
         nb = cells.edge_neighbour.astype(np.int64)
         keep = (nb >= 0) & (nb != owner)
-        pairs = np.unique(np.c_[owner[keep], nb[keep]], axis=0)
+        key = np.unique(owner[keep] * n + nb[keep])  # sorted (owner, neighbour) pairs
+        pairs = np.c_[key // n, key % n]
         start = np.zeros(n + 1, dtype=np.int64)
         start[1:] = np.cumsum(np.bincount(pairs[:, 0], minlength=n))
         w = np.zeros(n) if weights is None else np.asarray(weights, dtype=np.float64)
@@ -398,3 +462,151 @@ def _normals_kernel(q, idx, seeds, w, lx, ly, periodic, out):
                 ny = ey / sep
         out[i, 0] = nx
         out[i, 1] = ny
+
+
+@njit(parallel=True, cache=True)
+def _image_distance_kernel(qx, qy, owner, dist_q, jac, cap_q, cap, seeds, w, nstart, nbr,
+                           pex, pey, pnx, pny, pc, lx, ly, periodic, out):
+    """``d_p = d_q / |Jᵀ n|``; ``n``: normal of the nearest radical line among the owner's
+    neighbours.  Per neighbour pair (minimum-image seed difference ``e``) the radical line is at
+    ``c − n·r`` from the point (``r``: the point relative to the owner's seed); where ``e − r`` is
+    not the minimum image of the neighbour (grains of about half the specimen) the distance is
+    computed from the images nearest to the point, as in :meth:`CellNeighbours.normals`."""
+    m = qx.shape[0]
+    hx = 0.5 * lx
+    hy = 0.5 * ly
+    for i in prange(m):
+        d = dist_q[i]
+        if not d < cap_q:
+            out[i] = cap
+            continue
+        x = qx[i]
+        y = qy[i]
+        o = owner[i]
+        rx = x - seeds[o, 0]
+        ry = y - seeds[o, 1]
+        if periodic:
+            rx -= lx * round(rx / lx)
+            ry -= ly * round(ry / ly)
+        bd = np.inf
+        nxv = 1.0
+        nyv = 0.0
+        for t in range(nstart[o], nstart[o + 1]):
+            if pc[t] == np.inf:
+                continue  # coincident seeds: no radical line
+            if periodic and (abs(pex[t] - rx) >= hx or abs(pey[t] - ry) >= hy):
+                j = nbr[t]  # rare: the nearest images are not e − r
+                dx = seeds[j, 0] - x
+                dy = seeds[j, 1] - y
+                dx -= lx * round(dx / lx)
+                dy -= ly * round(dy / ly)
+                ex = dx + rx
+                ey = dy + ry
+                sep = math.sqrt(ex * ex + ey * ey)
+                if sep == 0.0:
+                    continue
+                dd = (dx * dx + dy * dy - w[j] - (rx * rx + ry * ry - w[o])) / (2.0 * sep)
+                if dd < bd:
+                    bd = dd
+                    nxv = ex / sep
+                    nyv = ey / sep
+            else:
+                dd = pc[t] - (pnx[t] * rx + pny[t] * ry)
+                if dd < bd:
+                    bd = dd
+                    nxv = pnx[t]
+                    nyv = pny[t]
+        s = math.hypot(jac[i, 0] * nxv + jac[i, 2] * nyv, jac[i, 1] * nxv + jac[i, 3] * nyv)
+        out[i] = np.float32(min(d / max(s, 1e-12), cap))
+
+
+@njit(parallel=True, cache=True)
+def _const_normal_distance_kernel(dist_q, owner, normals, jac, cap_q, cap, out):
+    for i in prange(dist_q.shape[0]):
+        d = dist_q[i]
+        if not d < cap_q:
+            out[i] = cap
+            continue
+        o = owner[i]
+        nxv = normals[o, 0]
+        nyv = normals[o, 1]
+        s = math.hypot(jac[i, 0] * nxv + jac[i, 2] * nyv, jac[i, 1] * nxv + jac[i, 3] * nyv)
+        out[i] = np.float32(min(d / max(s, 1e-12), cap))
+
+
+def _pair_lines(cells: CellNeighbours):
+    """Per neighbour pair ``(o, j)``: minimum-image ``e = p_j − p_o``, unit normal ``e/|e|`` and
+    ``c = (|e|² − w_j + w_o) / (2|e|)`` (the radical line's distance from ``p_o``)."""
+    o = np.repeat(np.arange(cells.start.shape[0] - 1), np.diff(cells.start))
+    j = cells.neighbours
+    e = cells.seeds[j] - cells.seeds[o]
+    if cells.periodic:
+        lx, ly = cells.extent
+        e[:, 0] -= lx * np.round(e[:, 0] / lx)
+        e[:, 1] -= ly * np.round(e[:, 1] / ly)
+    sep = np.hypot(e[:, 0], e[:, 1])
+    ok = sep > 0
+    safe = np.where(ok, sep, 1.0)
+    c = np.where(ok, ((e[:, 0] ** 2 + e[:, 1] ** 2) - cells.weights[j] + cells.weights[o])
+                 / (2.0 * safe), np.inf)
+    return (np.ascontiguousarray(e[:, 0]), np.ascontiguousarray(e[:, 1]),
+            np.ascontiguousarray(e[:, 0] / safe), np.ascontiguousarray(e[:, 1] / safe),
+            np.ascontiguousarray(c))
+
+
+def image_space_distance(cells: CellNeighbours, qx: np.ndarray, qy: np.ndarray,
+                         owner: np.ndarray, dist_q: np.ndarray, jacobian: np.ndarray,
+                         cap_q: float, cap: float) -> np.ndarray:
+    """Image-space boundary distance ``d_p = d_q / |Jᵀ n|`` in one pass (px, float32).
+
+    ``n``: the normal of :meth:`CellNeighbours.normals` at each point (nearest radical line of
+    the point's own cell); ``d_q ≥ cap_q`` gives ``cap``, and ``d_p`` is capped at ``cap``.
+
+    Parameters
+    ----------
+    cells : CellNeighbours
+    qx, qy : ndarray, specimen coordinates, px
+    owner : ndarray int, the points' grains
+    dist_q : ndarray, specimen-space boundary distance (px), shape of ``qx``
+    jacobian : ndarray, shape ``qx.shape + (2, 2)``
+    cap_q, cap : float, px
+
+    Returns
+    -------
+    ndarray float32, shape of ``qx``
+    """
+    shape = np.shape(qx)
+    qx = np.ascontiguousarray(np.asarray(qx, dtype=np.float64).ravel())
+    qy = np.ascontiguousarray(np.asarray(qy, dtype=np.float64).ravel())
+    ow = np.ascontiguousarray(np.asarray(owner, dtype=np.int64).ravel())
+    dq = np.ascontiguousarray(np.asarray(dist_q).ravel())
+    jac = np.ascontiguousarray(np.asarray(jacobian, dtype=np.float64).reshape(-1, 4))
+    out = np.empty(qx.shape[0], dtype=np.float32)
+    lx, ly = cells.extent
+    _image_distance_kernel(qx, qy, ow, dq, jac, float(cap_q), float(cap), cells.seeds,
+                           cells.weights, cells.start, cells.neighbours, *cells.pair_lines(),
+                           float(lx), float(ly), cells.periodic, out)
+    return out.reshape(shape)
+
+
+def image_space_distance_const(dist_q: np.ndarray, owner: np.ndarray, normals: np.ndarray,
+                               jacobian: np.ndarray, cap_q: float, cap: float) -> np.ndarray:
+    """``d_p = d_q / |Jᵀ n|`` with one normal per owner (e.g. a grain's twin lamellae), px float32.
+
+    Parameters
+    ----------
+    dist_q : ndarray, specimen-space distance (px)
+    owner : ndarray int, shape of ``dist_q``
+    normals : ndarray (n, 2), unit normals per owner
+    jacobian : ndarray, shape ``dist_q.shape + (2, 2)``
+    cap_q, cap : float, px (``d_q ≥ cap_q`` gives ``cap``; ``d_p`` capped at ``cap``)
+    """
+    shape = np.shape(dist_q)
+    out = np.empty(int(np.prod(shape)), dtype=np.float32)
+    _const_normal_distance_kernel(np.ascontiguousarray(np.asarray(dist_q).ravel()),
+                                  np.ascontiguousarray(np.asarray(owner).ravel()),
+                                  np.ascontiguousarray(normals, dtype=np.float64),
+                                  np.ascontiguousarray(np.asarray(jacobian, dtype=np.float64)
+                                                       .reshape(-1, 4)),
+                                  float(cap_q), float(cap), out)
+    return out.reshape(shape)

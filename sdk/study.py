@@ -26,6 +26,10 @@ Conditions (each a name in the study file):
                         synthetic images mixed in (:mod:`sdk.adapt`).
 ``finetune_dann``       fine-tuning with a gradient-reversal domain classifier (:mod:`sdk.adapt`).
 ``all``                 augmentation + AdaBN + fine-tuning.
+``active``              simulated annotation on the fold's dev images (their masks are the oracle): from
+                        a random seed batch of 2, rounds of 2 chosen by uncertainty + k-centre
+                        (:mod:`sdk.active`) or at random, each model fine-tuned from the synthetic
+                        U-Net; rows ``active/entropy+kcentre`` and ``active/random`` per label count.
 ``ablation``            for every variant made by :func:`twin.ablate` (each generator feature off
                         alone), synthetic-only and fine-tuned scores: the table says what each
                         feature is worth on the real data.
@@ -57,10 +61,10 @@ __all__ = ["StudyError", "StudySpec", "load_study", "parse_study", "run_study", 
 
 CONDITIONS = ("classical", "grid", "scratch", "scratch_all", "augmentation", "synthetic_only",
               "synthetic_adabn", "feature_extraction", "finetune", "finetune_adabn", "finetune_fda", "finetune_dann",
-              "all", "ablation")
+              "all", "ablation", "active")
 _ZERO_LABEL = ("classical", "grid", "synthetic_only", "synthetic_adabn")
-_NEEDS_SYNTHETIC = ("synthetic_only", "synthetic_adabn", "feature_extraction", "finetune", "finetune_adabn", "finetune_fda",
-                    "finetune_dann", "all", "ablation")
+_NEEDS_SYNTHETIC = ("synthetic_only", "synthetic_adabn", "feature_extraction", "finetune", "finetune_adabn",
+                    "finetune_fda", "finetune_dann", "all", "ablation", "active")
 
 
 class StudyError(EmtwinError):
@@ -720,9 +724,11 @@ def run_study(spec: StudySpec, base_dir: str | os.PathLike, out: str | os.PathLi
             if "scratch_all" in spec.conditions:
                 _run_models(ctx, fold, dev, test, -1, ["scratch_all"], base_model)
             model_conds = [c for c in spec.conditions
-                           if c not in _ZERO_LABEL and c not in ("scratch_all", "ablation")]
+                           if c not in _ZERO_LABEL and c not in ("scratch_all", "ablation", "active")]
             for k in [k for k in spec.k if k > 0]:
                 _run_models(ctx, fold, dev, test, k, model_conds, base_model)
+        if "active" in spec.conditions:
+            _run_active(ctx, folds, base_model)
         if "ablation" in spec.conditions:
             _run_ablation(ctx, folds)
 
@@ -730,6 +736,48 @@ def run_study(spec: StudySpec, base_dir: str | os.PathLike, out: str | os.PathLi
     result = {"rows": ctx.rows, "summary": summary, "minutes": round(ctx.minutes(), 2), "skipped": ctx.skipped}
     _write(ctx, result)
     return result
+
+
+def _run_active(ctx: _Ctx, folds: list[tuple[np.ndarray, np.ndarray]], base) -> None:
+    """Active vs random choice of the crops to label, up to the largest k, per fold."""
+    from sdk.active import compare_strategies
+
+    spec = ctx.spec
+    kmax = max(spec.k)
+    seed_batch, batch = min(2, kmax), 2
+    rounds = max(0, (kmax - seed_batch) // batch)
+    main = _main_metric(spec.task)
+    for fold, (dev, test) in enumerate(folds):
+        if ctx.over_budget():
+            ctx.skipped.append(f"active fold {fold} (total budget spent)")
+            continue
+        seed = spec.seed * 1000 + fold * 100 + 77
+        pool = _ArrayData([ctx.real.x[i] for i in dev], [ctx.real.y[i] for i in dev], None)
+        test_set = [(ctx.real.x[i], ctx.real.y[i]) for i in test]
+
+        def train_fn(model, subset):
+            xs = [pool.xs[i] for i in subset.indices]
+            ys = [pool.ys[i] for i in subset.indices]
+            return _finetune(ctx, model, _ArrayData(xs, ys, spec.model.crop, _augment("light", False), seed), seed,
+                             frozen=False, copy_base=False)
+
+        def metric(model, data):
+            rows = [score(_predict(model, x), y, spec.task, spec.tolerance) for x, y in data]
+            return _mean_rows(rows)[main]
+
+        t = time.monotonic()
+        curves = compare_strategies(lambda: copy.deepcopy(base), train_fn, pool, test_set, rounds=rounds,
+                                    batch=batch, seed_batch=seed_batch, rng=np.random.default_rng(seed),
+                                    metric=metric, select_kwargs={"device": "cpu"})
+        for strategy, curve in curves.items():
+            for r in curve:
+                row = {"condition": "active", "variant": strategy, "k": int(r["n_labels"]), "fold": fold,
+                       "n_test": len(test), "n_train": int(r["n_labels"]), main: float(r["metric"]),
+                       "seconds": round((time.monotonic() - t) / max(1, len(curve) * len(curves)), 1)}
+                ctx.rows.append(row)
+        ctx.log(f"[{ctx.minutes():5.1f} min] fold {fold} active: "
+                + "; ".join(f"{s}: " + " ".join(f"{r['n_labels']}→{r['metric']:.3f}" for r in c)
+                            for s, c in curves.items()))
 
 
 def _run_ablation(ctx: _Ctx, folds: list[tuple[np.ndarray, np.ndarray]]) -> None:
@@ -775,7 +823,8 @@ def summarise(rows: list[dict[str, Any]], task: str) -> list[dict[str, Any]]:
     out = []
     seen: dict[tuple, list[dict]] = {}
     for r in rows:
-        seen.setdefault((r["condition"], r["variant"] if r["condition"] == "ablation" else "", r["k"]), []).append(r)
+        keep = r["condition"] in ("ablation", "active")
+        seen.setdefault((r["condition"], r["variant"] if keep else "", r["k"]), []).append(r)
     for (cond, var, k), rs in seen.items():
         row: dict[str, Any] = {"condition": cond, "variant": var, "k": k, "folds": len(rs)}
         for key in keys:
@@ -831,9 +880,12 @@ def _plot(spec: StudySpec, summary: list[dict[str, Any]], path: Path) -> None:
 
     main = _main_metric(spec.task)
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    conds = [c for c in dict.fromkeys(r["condition"] for r in summary) if c != "ablation"]
-    for c in conds:
-        rs = sorted([r for r in summary if r["condition"] == c], key=lambda r: r["k"])
+    conds = [(r["condition"], r["variant"]) for r in summary if r["condition"] != "ablation"]
+    conds = list(dict.fromkeys((c, v if c == "active" else "") for c, v in conds))
+    for c, v in conds:
+        rs = sorted([r for r in summary if r["condition"] == c and (c != "active" or r["variant"] == v)],
+                    key=lambda r: r["k"])
+        c = f"{c} ({v})" if v else c
         ks = [r["k"] for r in rs]
         if len(rs) == 1 and c in _ZERO_LABEL + ("scratch_all",):
             ax.axhline(rs[0][main], ls=":", lw=1.2, label=f"{c} (k={ks[0]})", color=None)

@@ -89,3 +89,36 @@ def test_bad_detector_input(kw):
         detect(np.ones((4, 4)), **{**base, **kw})
     with pytest.raises(ValueError):
         detect(-np.ones((4, 4)), **base)
+
+
+@pytest.mark.parametrize("shape", [(64, 80), (7, 40)])
+@pytest.mark.parametrize("sigma", [0.3, 0.6, 0.77, 1.2, 1.6])
+def test_numba_gaussian_psf_is_scipy_bit_for_bit(shape, sigma):
+    """The parallel float32 probe blur (applied just before the detector) gives the bytes of
+    ``scipy.ndimage.gaussian_filter(mode='reflect', truncate=4)``, for any thread count."""
+    import numba
+    from scipy import ndimage
+
+    from generators.optics import gaussian_psf
+
+    x = np.random.default_rng(3).uniform(0.0, 1.0, shape).astype(np.float32)
+    ref = ndimage.gaussian_filter(x, sigma, mode="reflect", truncate=4.0)
+    old = numba.get_num_threads()
+    try:
+        for threads in sorted({1, numba.config.NUMBA_NUM_THREADS}):
+            numba.set_num_threads(threads)
+            out = gaussian_psf(x, sigma)
+            assert out.dtype == np.float32 and out.tobytes() == ref.tobytes()
+    finally:
+        numba.set_num_threads(old)
+    # float64 input and images smaller than the kernel still go through SciPy unchanged
+    x64 = x.astype(np.float64)
+    assert gaussian_psf(x64, sigma).tobytes() == ndimage.gaussian_filter(
+        x64, sigma, mode="reflect", truncate=4.0).tobytes()
+
+
+def test_float32_signal_gives_the_bytes_of_its_float64_copy():
+    """float32 signals are read without conversion; each value widens exactly, so same counts."""
+    s32 = np.random.default_rng(4).uniform(0.0, 1.0, (33, 47)).astype(np.float32)
+    kw = dict(dose=80.0, gain=3.0, readout_sigma=5.0, offset=100.0, bit_depth=12, noise_key=99)
+    assert detect(s32, **kw).tobytes() == detect(s32.astype(np.float64), **kw).tobytes()

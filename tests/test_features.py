@@ -385,3 +385,141 @@ def test_voronoi_only_features_are_refused_for_other_kinds():
         parse_recipe("name: k\nsize: [32, 32]\nspecimen: {kind: potts, features: "
                      "{roughness: {enabled: true}}}\n")
     assert parse_recipe("name: k\nsize: [32, 32]\n").specimen.kind == "voronoi"
+
+
+# --------------------------------------------------------------------------------------------
+# fast kernels (speed work): each against a NumPy/SciPy reference, and thread-count independent
+# --------------------------------------------------------------------------------------------
+def _threads_runs(fn):
+    """``fn()`` under 1 and under all Numba threads."""
+    import numba
+
+    old = numba.get_num_threads()
+    out = []
+    try:
+        for t in sorted({1, numba.config.NUMBA_NUM_THREADS}):
+            numba.set_num_threads(t)
+            out.append(fn())
+    finally:
+        numba.set_num_threads(old)
+    return out
+
+
+def test_fast_sincos_matches_numpy():
+    from numba import njit
+
+    from generators.warp import _sincos
+
+    @njit
+    def both(a):
+        s = np.empty_like(a)
+        c = np.empty_like(a)
+        for i in range(a.size):
+            s[i], c[i] = _sincos(a[i])
+        return s, c
+
+    rng = np.random.default_rng(0)
+    a = np.concatenate([rng.uniform(-3000, 3000, 200_000), np.arange(-40, 41) * math.pi / 4,
+                        np.arange(-40, 41) * math.pi / 2 + 1e-13, [0.0, -0.0]])
+    s, c = both(a)
+    assert np.abs(s - np.sin(a)).max() < 5e-15
+    assert np.abs(c - np.cos(a)).max() < 5e-15
+
+
+def test_coordinate_map_matches_numpy_sum_of_modes_and_thread_count():
+    from generators.warp import Warp
+
+    cm = Warp(amplitude_px=(3, 3), correlation_px=(25, 25), elongation=(1.5, 1.5),
+              angle_deg=(20, 20)).sample_specimen(np.random.default_rng(1), (300.0, 200.0))
+    rng = np.random.default_rng(2)
+    x = rng.uniform(-20, 320, (37, 61))  # not a multiple of the kernel's block
+    y = rng.uniform(-20, 220, (37, 61))
+    runs = _threads_runs(lambda: cm.apply(x, y))
+    for u, v in zip(runs[0], runs[-1]):
+        assert u.tobytes() == v.tobytes()
+    qx, qy, jac = runs[0]
+    # reference: v = c + M (p - c), q = v + Σ a_j cos(k_j·v + φ_j), J = (I + Du) M
+    c = np.array(cm.centre)
+    v = (np.stack([x, y], -1) - c) @ cm.matrix.T + c
+    arg = v @ cm.wavevectors.T + cm.phases
+    u = np.cos(arg) @ cm.amplitudes
+    du = np.eye(2) - np.einsum("...j,ja,jb->...ab", np.sin(arg), cm.amplitudes, cm.wavevectors)
+    ref_j = du @ cm.matrix
+    assert np.abs(qx - (v[..., 0] + u[..., 0])).max() < 1e-11
+    assert np.abs(qy - (v[..., 1] + u[..., 1])).max() < 1e-11
+    assert np.abs(jac - ref_j).max() < 1e-12
+
+
+@pytest.mark.parametrize("periodic", [True, False])
+def test_image_space_distance_matches_normals_reference_and_thread_count(periodic):
+    from generators.substructure import cell_polygons
+    from generators.warp import CellNeighbours, Warp, image_space_distance
+
+    rng = np.random.default_rng(4)
+    ext = (160.0, 120.0)
+    n = 40
+    tess = Tessellation(poisson_seeds(rng, n, ext), ext, weights=-rng.uniform(0, 60, n),
+                        periodic=periodic)
+    nb = CellNeighbours.from_polygons(cell_polygons(tess), tess.weights)
+    cm = Warp(amplitude_px=(2, 2), correlation_px=(20, 20), elongation=(2, 2),
+              angle_deg=(30, 30)).sample_specimen(np.random.default_rng(5), ext)
+    yy, xx = np.mgrid[0:120.0, 0:160.0] + 0.25
+    qx, qy, jac = cm.apply(xx, yy)
+    gid, dq = tess.label(qx, qy, max_distance=12.0)
+    runs = _threads_runs(lambda: image_space_distance(nb, qx, qy, gid, dq, jac, 12.0, 6.0))
+    assert runs[0].tobytes() == runs[-1].tobytes()
+    got = runs[0]
+    # reference: the per-point normals of CellNeighbours.normals and d_p = d_q / |Jᵀ n|
+    nrm = nb.normals(qx, qy, gid).reshape(qx.shape + (2,))
+    scale = np.hypot(jac[..., 0, 0] * nrm[..., 0] + jac[..., 1, 0] * nrm[..., 1],
+                     jac[..., 0, 1] * nrm[..., 0] + jac[..., 1, 1] * nrm[..., 1])
+    ref = np.where(dq >= 12.0, 6.0, np.minimum(dq / scale, 6.0))
+    assert got.dtype == np.float32 and got.shape == qx.shape
+    assert np.abs(got - ref).max() < 1e-4
+    assert (got < 6.0).mean() > 0.3  # the test sees real distances, not only the cap
+
+
+def test_image_space_distance_const_matches_numpy():
+    from generators.warp import image_space_distance_const
+
+    rng = np.random.default_rng(6)
+    d = rng.uniform(0, 5, (30, 40)).astype(np.float32)
+    owner = rng.integers(0, 7, (30, 40))
+    ang = rng.uniform(0, np.pi, 7)
+    nrm = np.c_[-np.sin(ang), np.cos(ang)]
+    jac = np.eye(2) + rng.normal(0, 0.3, (30, 40, 2, 2))
+    got = image_space_distance_const(d, owner, nrm, jac, 4.0, 3.0)
+    n = nrm[owner]
+    scale = np.linalg.norm(np.einsum("...ba,...b->...a", jac, n), axis=-1)
+    ref = np.where(d >= 4.0, 3.0, np.minimum(d / scale, 3.0))
+    assert np.abs(got - ref).max() < 1e-5
+
+
+def test_laguerre_hessian_matches_finite_differences():
+    from generators.sizes import _areas_and_hessian
+
+    rng = np.random.default_rng(8)
+    n, ext = 120, (200.0, 200.0)
+    tess = Tessellation(poisson_seeds(rng, n, ext), ext, weights=-rng.uniform(0, 150, n))
+    areas, hess, _ = _areas_and_hessian(tess)
+    h = hess.toarray()
+    assert np.abs(h - h.T).max() < 1e-12 and np.abs(h.sum(axis=1)).max() < 1e-9
+    eps = 1e-3
+    for k in (0, 17, 63, 119):
+        w = tess.weights.copy()
+        w[k] += eps
+        a2 = _areas_and_hessian(Tessellation(tess.seeds, ext, weights=w))[0]
+        np.testing.assert_allclose(h[:, k], (a2 - areas) / eps, atol=1e-4 * np.abs(h[:, k]).max())
+
+
+def test_fitted_tessellation_tile_size_does_not_change_labels():
+    rng = np.random.default_rng(12)
+    ext = (150.0, 150.0)
+    tess = Tessellation(poisson_seeds(rng, 60, ext), ext)
+    fitted, _ = GrainSizeControl(sigma=0.5).apply(np.random.default_rng(3), tess)
+    assert fitted.tile_divisor == GrainSizeControl().tile_divisor
+    default = Tessellation(fitted.seeds, ext, weights=fitted.weights)
+    yy, xx = np.mgrid[0:150.0, 0:150.0] * 1.0 + 0.3
+    for cap in (4.0, 9.0):
+        a, b = fitted.label(xx, yy, max_distance=cap), default.label(xx, yy, max_distance=cap)
+        assert a[0].tobytes() == b[0].tobytes() and a[1].tobytes() == b[1].tobytes()

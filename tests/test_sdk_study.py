@@ -143,3 +143,26 @@ budget: {pretrain_minutes: 0.01, model_minutes: 0.01, max_epochs: 1, total_minut
     assert {r["k"] for r in res["rows"]} == {0, 2}
     md = (tmp_path / "out" / "summary.md").read_text()
     assert "Δ vs all on" in md and "| no_twins | 0 |" in md
+
+
+def test_active_condition_compares_with_random_from_one_seed_batch(tmp_path):
+    _real_folder(tmp_path, n_groups=4, per_group=3)
+    (tmp_path / "r.yaml").write_text("name: tiny\nsize: [48, 48]\nsamples: 4\nspecimens: 2\nseed: 3\n"
+                                     "specimen: {grains_per_field: [6, 10]}\n")
+    spec = parse_study(BASE + """synthetic: {recipe: r.yaml, samples: 4}
+folds: 2
+k: [4]
+conditions: [active]
+model: {depth: 2, width: 4, crop: 32, batch_size: 2, steps_per_epoch: 1}
+budget: {pretrain_minutes: 0.01, model_minutes: 0.01, max_epochs: 1, total_minutes: 3}
+""")
+    res = run_study(spec, tmp_path, tmp_path / "out", log=lambda m: None)
+    rows = [r for r in res["rows"] if r["condition"] == "active"]
+    assert {r["variant"] for r in rows} == {"entropy+kcentre", "random"}
+    for fold in (0, 1):
+        for v in ("entropy+kcentre", "random"):
+            ks = [r["k"] for r in rows if r["fold"] == fold and r["variant"] == v]
+            assert ks == [2, 4]
+    # the seed round is the same random batch for both strategies: identical first scores
+    first = {(r["fold"], r["variant"]): r["boundary_f1"] for r in rows if r["k"] == 2}
+    assert first[(0, "random")] == first[(0, "entropy+kcentre")]

@@ -74,11 +74,13 @@ def to_cell(poly, x, y, extent, periodic):
     return out
 
 
+@pytest.mark.parametrize("ring", [True, False])
 @pytest.mark.parametrize("periodic", [False, True])
 @pytest.mark.parametrize("laguerre", [False, True])
-def test_cell_polygons_match_labels_and_tile_the_specimen(rng, periodic, laguerre):
+def test_cell_polygons_match_labels_and_tile_the_specimen(rng, periodic, laguerre, ring):
     tess = make_tess(rng, periodic, laguerre, n=30)
-    cells = cell_polygons(tess, first_candidates=4)  # small start: exercises the certificate loop
+    # ring=False, small start: exercises the k-d-tree certificate loop
+    cells = cell_polygons(tess, first_candidates=4, ring_search=ring)
     lx, ly = tess.extent
     areas = cells.areas()
     if periodic:
@@ -316,6 +318,39 @@ def test_determinism_and_thread_count(rng):
         numba.set_num_threads(old)
     for u, v in zip(out[0], out[-1]):
         assert u.tobytes() == v.tobytes()
+
+
+@pytest.mark.parametrize("periodic", [False, True])
+def test_ring_and_tree_searches_agree_and_ignore_thread_count(periodic):
+    """The grid ring search (fast path) and the k-d-tree search give the same cells (strongly
+    unequal Laguerre weights, few grid cells a side), whatever the number of Numba threads."""
+    rng = np.random.default_rng(11)
+    n = 200
+    seeds = rng.uniform(0, 300, (n, 2))
+    w = -rng.uniform(0, 400, n)  # ~ the spread of fitted lognormal weights
+    tess = Tessellation(seeds, (300.0, 300.0), weights=w, periodic=periodic)
+    old = numba.get_num_threads()
+    runs = []
+    try:
+        for t in sorted({1, numba.config.NUMBA_NUM_THREADS}):
+            numba.set_num_threads(t)
+            runs.append(cell_polygons(tess))
+    finally:
+        numba.set_num_threads(old)
+    a, b = runs[0], runs[-1]
+    assert a.vertices.tobytes() == b.vertices.tobytes()
+    assert a.edge_neighbour.tobytes() == b.edge_neighbour.tobytes()
+    ref = cell_polygons(tess, ring_search=False)
+    assert np.array_equal(a.start, ref.start)  # same vertex count per cell
+    for i in range(n):
+        pa, pr = a.polygon(i), ref.polygon(i)
+        if len(pr) < 3:
+            assert len(pa) < 3
+            continue
+        assert Polygon(pa).symmetric_difference(Polygon(pr)).area < 1e-9 * Polygon(pr).area
+        # the same neighbour labels around the cell (start vertex may differ)
+        assert sorted(a.edge_neighbour[a.start[i]:a.start[i + 1]]) == \
+            sorted(ref.edge_neighbour[ref.start[i]:ref.start[i + 1]])
 
 
 def test_bad_input_raises(rng):

@@ -191,3 +191,62 @@ def test_bad_input():
         t.label(np.zeros(3), np.zeros(4))
     with pytest.raises(ValueError):
         t.label(np.array([np.nan]), np.array([1.0]))
+
+
+@pytest.mark.parametrize("tile_divisor", [0.5, 4.0, 9.0])
+@pytest.mark.parametrize("periodic", [False, True])
+@pytest.mark.parametrize("sigma", [0.0, 1.2])
+def test_tile_owner_lists_match_brute_force(rng, tile_divisor, periodic, sigma):
+    """Per-tile owners and their radical lines, for big and small tiles and strong Laguerre weights
+    (empty cells), at points on tile corners/edges, inside the box and wrapped from far outside."""
+    extent = (150.0, 110.0)
+    n = 45
+    seeds = poisson_seeds(rng, n, extent)
+    weights = lognormal_weights(rng, n, 18.0, sigma) if sigma > 0 else None
+    tess = Tessellation(seeds, extent, weights=weights, periodic=periodic,
+                        tile_divisor=tile_divisor)
+    tnx, tny = tess._tile_lists(5.0)[:2]
+    # tile corners and edge midpoints exactly, plus random points (outside the box too)
+    gx = np.linspace(0.0, extent[0], 2 * tnx + 1)[:-1]
+    gy = np.linspace(0.0, extent[1], 2 * tny + 1)[:-1]
+    cx, cy = np.meshgrid(gx, gy)
+    span = 300.0 if periodic else 20.0
+    x = np.concatenate([cx.ravel(), rng.uniform(-span, extent[0] + span, 3000)])
+    y = np.concatenate([cy.ravel(), rng.uniform(-span, extent[1] + span, 3000)])
+    gid, dist = tess.label(x, y, max_distance=5.0)
+    pts = np.c_[np.mod(x, extent[0]), np.mod(y, extent[1])] if periodic else np.c_[x, y]
+    ref_id, ref_d = brute_force(pts, seeds, weights, extent, periodic)
+    # a point exactly equidistant from two seeds may go to either: compare power distances there
+    w = np.zeros(n) if weights is None else weights
+    ok = gid == ref_id
+    if not ok.all():
+        bad = ~ok
+        pw = lambda g: _min_image_power(pts[bad], seeds[g], w[g], extent, periodic)  # noqa: E731
+        np.testing.assert_allclose(pw(gid[bad]), pw(ref_id[bad]), rtol=0, atol=1e-9)
+        assert bad.mean() < 1e-3
+    np.testing.assert_allclose(dist, np.minimum(ref_d, 5.0), rtol=1e-5, atol=1e-4)
+
+
+def _min_image_power(pts, s, w, extent, periodic):
+    d = pts - s
+    if periodic:
+        d -= np.array(extent) * np.round(d / np.array(extent))
+    return (d * d).sum(-1) - w
+
+
+def test_periodic_wrap_one_and_many_periods_out(rng):
+    """Points one period out (fast wrap) and many periods out (general wrap) get the labels of
+    their image in the box, exactly (the same bytes)."""
+    extent = (96.0, 80.0)
+    tess = Tessellation(poisson_seeds(rng, 30, extent), extent, periodic=True)
+    x = rng.uniform(0, extent[0], 2000)
+    y = rng.uniform(0, extent[1], 2000)
+    x[:5] = [0.0, np.nextafter(extent[0], 0), 1e-300, 5.0, 7.0]
+    y[:5] = [0.0, 3.0, 4.0, np.nextafter(extent[1], 0), 1e-300]
+    g0, d0 = tess.label(x, y, max_distance=4.0)
+    for kx, ky in [(1, 0), (-1, 1), (1, -1), (7, -5), (-13, 9)]:
+        g, d = tess.label(x + kx * extent[0], y + ky * extent[1], max_distance=4.0)
+        same = (x + kx * extent[0]) - kx * extent[0] == x  # the shifted value is representable
+        same &= (y + ky * extent[1]) - ky * extent[1] == y
+        assert np.array_equal(g[same], g0[same])
+        np.testing.assert_allclose(d, d0, rtol=0, atol=1e-9)

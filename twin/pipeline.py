@@ -237,17 +237,6 @@ def _stretch_bound(cmap, extent: tuple[float, float], n: int = 128) -> float:
     return 1.05 * float(np.sqrt(smax2.max()))
 
 
-def _image_space_distance(dist_q: np.ndarray, normals: np.ndarray, jac: np.ndarray,
-                          cap_q: float, cap: float) -> np.ndarray:
-    """``d_p = d_q / |Jᵀ n|`` (see :mod:`generators.warp`), capped at ``cap`` (float32)."""
-    n0, n1 = normals[..., 0], normals[..., 1]
-    scale = np.hypot(jac[..., 0, 0] * n0 + jac[..., 1, 0] * n1,
-                     jac[..., 0, 1] * n0 + jac[..., 1, 1] * n1)
-    np.maximum(scale, 1e-12, out=scale)
-    out = np.minimum(dist_q / scale, cap)
-    return np.where(dist_q >= cap_q, cap, out).astype(np.float32)
-
-
 class SEMGrainPipeline:
     """Generates sample ``i`` of a recipe, deterministically from (root seed, i).
 
@@ -407,12 +396,14 @@ class SEMGrainPipeline:
         fs = self.features
         keys = rng.integers(0, 2**63 - 1, size=len(_SPECIMEN_SLOTS))
         feat: dict[str, Any] = {}
-        if fs.sizes is not None:
-            st.tess, feat["sizes"] = fs.sizes.apply(_child(keys, _SPECIMEN_SLOTS, "sizes"),
-                                                    st.tess)
-        tess = st.tess
         polygons = None
-        if fs.subgrains is not None or fs.particles is not None or fs.warp is not None:
+        if fs.sizes is not None:  # the fit computes the fitted cells' polygons: keep them
+            st.tess, feat["sizes"], polygons = fs.sizes.apply_with_polygons(
+                _child(keys, _SPECIMEN_SLOTS, "sizes"), st.tess)
+            st.polygons = polygons
+        tess = st.tess
+        if polygons is None and (fs.subgrains is not None or fs.particles is not None
+                                 or fs.warp is not None):
             from generators.substructure import cell_polygons
             polygons = st.polygons = cell_polygons(tess)
         if fs.phases is not None:
@@ -439,8 +430,9 @@ class SEMGrainPipeline:
             st.stretch_max = _stretch_bound(st.cmap, tess.extent)
             feat["warp"] = st.cmap.to_dict()
         if fs.subgrains is not None:
-            st.subgrains = fs.subgrains.sample_specimen(
-                _child(keys, _SPECIMEN_SLOTS, "subgrains"), tess, polygons=polygons)
+            st.subgrains = fs.subgrains.sample_specimen(  # label_cap: label_field's tile lists
+                _child(keys, _SPECIMEN_SLOTS, "subgrains"), tess, polygons=polygons,
+                label_cap=self.distance_cap * st.stretch_max)
             feat["subgrains"] = st.subgrains.to_dict()
         if fs.gradients is not None:
             st.gradients = fs.gradients.sample_specimen(
@@ -468,19 +460,17 @@ class SEMGrainPipeline:
             smax = st.stretch_max  # one cap per specimen: the tile lists are built once
         cap_q = cap * smax
         gid, dist = tess.label(qx, qy, max_distance=cap_q)
-        if jac is not None:
-            near = dist < cap_q
-            normals = np.zeros(x.shape + (2,))
-            normals[..., 0] = 1.0
-            normals[near] = st.neighbours.normals(qx[near], qy[near], gid[near])
-            dist = _image_space_distance(dist, normals, jac, cap_q, cap)
+        if jac is not None:  # normals of the nearest radical lines and d_p in one pass
+            from generators.warp import image_space_distance
+            dist = image_space_distance(st.neighbours, qx, qy, gid, dist, jac, cap_q, cap)
         out.update(qx=qx, qy=qy, grain_id=gid, distance=dist)
         if st.twins is not None:
             tcap_q = self.twin_cap * smax
             tin, tdist = st.twins.label(qx, qy, gid, max_distance=tcap_q)
             if jac is not None:
-                tdist = _image_space_distance(tdist, st.twins.normals[gid], jac, tcap_q,
-                                              self.twin_cap)
+                from generators.warp import image_space_distance_const
+                tdist = image_space_distance_const(tdist, gid, st.twins.normals, jac, tcap_q,
+                                                   self.twin_cap)
             out.update(twin=tin, twin_distance=tdist)
         return out
 
