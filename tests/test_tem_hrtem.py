@@ -128,3 +128,17 @@ def test_band_limited_ctf_equals_abtem_apply_ctf(focal_spread, aperture):
     ref = np.asarray(ref.array, np.float64).T
     np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-4)
     assert ref.std() > 1e-3
+
+
+def test_fft_backend_is_a_checked_choice():
+    """NumPy FFT by default (bit-identical across processes); FFTW only on request."""
+    import abtem
+
+    from generators.tem.hrtem import abtem_config
+
+    with abtem_config():
+        assert abtem.config.get("fft") == "numpy"
+    with abtem_config("fftw"):
+        assert abtem.config.get("fft") == "fftw"
+    with pytest.raises(ValueError, match="fft must be"):
+        abtem_config("cufft")

@@ -224,7 +224,7 @@ class AtomicTEMPipeline:
         if self.mode == "hrtem":
             h, w = self.recipe.size
             psi = exit_wave(spec.to_ase(), (w * self.factor, h * self.factor), self.voltage_kv,
-                            self.recipe.imaging.slice_thickness_a)
+                            self.recipe.imaging.slice_thickness_a, fft=self.recipe.imaging.fft)
             wave = self.imaging.spectrum(psi)  # kept in Fourier space: every draw starts here
             del psi
         return _Specimen(spec, fps, cols, wave)
@@ -283,7 +283,8 @@ class AtomicTEMPipeline:
             lx, ly = self.extent_a
             x_a = np.mod(X * self.pixel_size_a, lx)
             y_a = np.mod(Y * self.pixel_size_a, ly)
-            signal = haadf_signal(spec.atoms.to_ase(), np.stack([x_a, y_a], -1), self.stem)
+            signal = haadf_signal(spec.atoms.to_ase(), np.stack([x_a, y_a], -1), self.stem,
+                                  fft=self.recipe.imaging.fft)
             cols[:, :2] = cols[:, :2] / self.pixel_size_a
             params.update({"imaging": self.stem.to_dict(), "scan": scan_p.to_dict()})
             labels = self._labels(spec, x_a, y_a)

@@ -29,11 +29,14 @@ __all__ = ["abtem_config", "exit_wave", "HRTEMImaging", "HRTEMParams", "waveleng
 ABTEM_SETTINGS = {"device": "cpu", "dask.lazy": False, "diagnostics.progress_bar": False, "fft": "numpy"}
 
 
-def abtem_config():
-    """Context manager applying :data:`ABTEM_SETTINGS`."""
+def abtem_config(fft: str = "numpy"):
+    """Context manager applying :data:`ABTEM_SETTINGS`; ``fft="fftw"`` opts into abTEM's FFTW
+    (faster, but not bit-identical across processes)."""
     import abtem
 
-    return abtem.config.set(ABTEM_SETTINGS)
+    if fft not in ("numpy", "fftw"):
+        raise ValueError(f"fft must be 'numpy' or 'fftw', got {fft!r}")
+    return abtem.config.set({**ABTEM_SETTINGS, "fft": fft})
 
 
 def wavelength_a(voltage_kv: float) -> float:
@@ -52,16 +55,17 @@ def antialias_cutoff_mrad(voltage_kv: float, sampling_a: float) -> float:
 
 
 def exit_wave(atoms, gpts: tuple[int, int], voltage_kv: float, slice_thickness_a: float,
-              parametrization: str = "lobato") -> np.ndarray:
+              parametrization: str = "lobato", fft: str = "numpy") -> np.ndarray:
     """Plane-wave exit wave of ``atoms`` (an :class:`ase.Atoms` with the cell as the extent).
 
     Returns
     -------
     ndarray (Nx, Ny) complex64, abTEM order (x first); the incident wave has modulus 1.
+    ``fft``: "numpy" (deterministic) or "fftw" (see :func:`abtem_config`).
     """
     import abtem
 
-    with abtem_config():
+    with abtem_config(fft):
         pot = abtem.Potential(atoms, gpts=tuple(int(g) for g in gpts),
                               slice_thickness=slice_thickness_a, projection="infinite",
                               parametrization=parametrization)

@@ -43,7 +43,8 @@ class HAADF:
         return dict(self.__dict__)
 
 
-def haadf_signal(atoms, positions_a: np.ndarray, stage: HAADF, max_batch: int = 32) -> np.ndarray:
+def haadf_signal(atoms, positions_a: np.ndarray, stage: HAADF, max_batch: int = 32,
+                 fft: str = "numpy") -> np.ndarray:
     """Fraction of the probe intensity reaching the annular detector at each position.
 
     Parameters
@@ -59,7 +60,7 @@ def haadf_signal(atoms, positions_a: np.ndarray, stage: HAADF, max_batch: int = 
 
     pos = np.asarray(positions_a, np.float64)
     flat = pos.reshape(-1, 2)
-    with abtem_config():
+    with abtem_config(fft):
         pot = abtem.Potential(atoms, sampling=stage.sampling_a,
                               slice_thickness=stage.slice_thickness_a, projection="infinite",
                               parametrization="lobato")
