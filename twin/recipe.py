@@ -18,7 +18,7 @@ from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, Validati
 
 from twin.errors import RecipeError
 
-__all__ = ["Recipe", "load_recipe", "parse_recipe", "format_validation_error", "RangeF"]
+__all__ = ["Recipe", "RecipeBase", "unique_names", "load_recipe", "parse_recipe", "format_validation_error", "RangeF"]
 
 
 class _Strict(BaseModel):
@@ -371,9 +371,14 @@ class Labels(_Strict):
     @field_validator("names")
     @classmethod
     def _unique(cls, v):
-        if len(set(v)) != len(v) or not v:
-            raise ValueError("label names must be a non-empty list without repeats")
-        return v
+        return unique_names(v)
+
+
+def unique_names(v: list[str]) -> list[str]:
+    """Validator body for label-name lists: non-empty, no repeats."""
+    if len(set(v)) != len(v) or not v:
+        raise ValueError("label names must be a non-empty list without repeats")
+    return v
 
 
 class Output(_Strict):
@@ -382,8 +387,8 @@ class Output(_Strict):
                                               "(specimen px; kind voronoi only)")
 
 
-class Recipe(_Strict):
-    """A generation recipe (see ``recipes/sem_voronoi_grains.yaml`` for every key, commented)."""
+class RecipeBase(_Strict):
+    """Keys every recipe shares (grains, HRTEM/STEM, BF-TEM): what, how many, which instrument."""
 
     #: "module:Class" of the pipeline that renders this recipe (see twin.generate.make_pipeline)
     pipeline: ClassVar[str] = "twin.pipeline:SEMGrainPipeline"
@@ -395,14 +400,6 @@ class Recipe(_Strict):
     samples: int = Field(64, ge=1, le=100_000_000)
     specimens: int = Field(16, ge=1)
     seed: int = Field(0, ge=0, lt=2**63)
-    specimen: SpecimenModel = VoronoiSpecimen()
-    contrast: Contrast = Contrast()
-    optics: Optics = Optics()
-    scan: Scan = Scan()
-    detector: DetectorOverrides = DetectorOverrides()
-    labels: Labels = Labels()
-    artefacts: ArtefactsConfig = ArtefactsConfig()
-    output: Output = Output()
 
     @field_validator("size")
     @classmethod
@@ -420,6 +417,24 @@ class Recipe(_Strict):
             )
         return self
 
+    @property
+    def samples_per_specimen(self) -> int:
+        """Consecutive samples sharing one specimen: ceil(samples / specimens)."""
+        return -(-self.samples // self.specimens)
+
+
+class Recipe(RecipeBase):
+    """A generation recipe (see ``recipes/sem_voronoi_grains.yaml`` for every key, commented)."""
+
+    specimen: SpecimenModel = VoronoiSpecimen()
+    contrast: Contrast = Contrast()
+    optics: Optics = Optics()
+    scan: Scan = Scan()
+    detector: DetectorOverrides = DetectorOverrides()
+    labels: Labels = Labels()
+    artefacts: ArtefactsConfig = ArtefactsConfig()
+    output: Output = Output()
+
     @model_validator(mode="after")
     def _features_fit_kind(self):
         if self.output.geometry and self.specimen.kind != "voronoi":
@@ -432,11 +447,6 @@ class Recipe(_Strict):
                     f"specimen.features {', '.join(bad)} need specimen.kind voronoi (they use its "
                     f"convex cells); kind {self.specimen.kind} supports twins and phases")
         return self
-
-    @property
-    def samples_per_specimen(self) -> int:
-        """Consecutive samples sharing one specimen: ceil(samples / specimens)."""
-        return -(-self.samples // self.specimens)
 
 
 def format_validation_error(err: ValidationError, source: str) -> str:

@@ -12,7 +12,7 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from twin.recipe import Output, PixelSize, _range_type, _Strict
+from twin.recipe import Output, PixelSize, RecipeBase, _range_type, _Strict, unique_names
 
 __all__ = ["BFTEMRecipe"]
 
@@ -88,23 +88,16 @@ class Labels(_Strict):
     @field_validator("names")
     @classmethod
     def _unique(cls, v):
-        if len(set(v)) != len(v) or not v:
-            raise ValueError("label names must be a non-empty list without repeats")
-        return v
+        return unique_names(v)
 
 
-class BFTEMRecipe(_Strict):
+class BFTEMRecipe(RecipeBase):
     """A mesoscale bright-field TEM recipe (see ``recipes/tem_bf_nanoparticles.yaml``)."""
 
     pipeline: ClassVar[str] = "twin.pipeline_bftem:BFTEMPipeline"
 
-    name: str = Field(min_length=1, max_length=200)
-    size: tuple[int, int] = Field(description="image (H, W) in px")
     pixel_size: PixelSize = PixelSize(value=0.35, unit="nm")
     instrument: str = "generic-tem-camera"
-    samples: int = Field(64, ge=1, le=100_000_000)
-    specimens: int = Field(16, ge=1)
-    seed: int = Field(0, ge=0, lt=2**63)
     specimen: BFSpecimen
     imaging: Imaging = Imaging()
     optics: Optics = Optics()
@@ -112,20 +105,8 @@ class BFTEMRecipe(_Strict):
     labels: Labels = Labels()
     output: Output = Output()
 
-    @field_validator("size")
-    @classmethod
-    def _size(cls, v):
-        if not all(8 <= x <= 16384 for x in v):
-            raise ValueError("each side must be within 8..16384 px")
-        return v
-
     @model_validator(mode="after")
     def _checks(self):
-        if self.specimens > self.samples:
-            raise ValueError(
-                f"specimens ({self.specimens}) must be <= samples ({self.samples}): "
-                "each specimen is imaged at least once"
-            )
         px = self.pixel_size_nm
         lo, hi = self.specimen.diameter_range_nm
         side = min(self.size) * px
@@ -142,7 +123,3 @@ class BFTEMRecipe(_Strict):
         """Pixel size in nm."""
         return self.pixel_size.value * _TO_NM[self.pixel_size.unit]
 
-    @property
-    def samples_per_specimen(self) -> int:
-        """Consecutive samples sharing one specimen: ceil(samples / specimens)."""
-        return -(-self.samples // self.specimens)

@@ -15,7 +15,7 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from twin.recipe import Output, PixelSize, _range_type, _Strict
+from twin.recipe import Output, PixelSize, RecipeBase, _range_type, _Strict, unique_names
 
 __all__ = ["AtomicTEMRecipe"]
 
@@ -124,23 +124,16 @@ class Labels(_Strict):
     @field_validator("names")
     @classmethod
     def _unique(cls, v):
-        if len(set(v)) != len(v) or not v:
-            raise ValueError("label names must be a non-empty list without repeats")
-        return v
+        return unique_names(v)
 
 
-class AtomicTEMRecipe(_Strict):
+class AtomicTEMRecipe(RecipeBase):
     """An HRTEM / STEM-HAADF nanoparticle recipe (see ``recipes/hrtem_au_nanoparticles.yaml``)."""
 
     pipeline: ClassVar[str] = "twin.pipeline_tem:AtomicTEMPipeline"
 
-    name: str = Field(min_length=1, max_length=200)
-    size: tuple[int, int] = Field(description="image (H, W) in px")
     pixel_size: PixelSize = PixelSize(value=0.4, unit="Å")
     instrument: str = "generic-tem-camera"
-    samples: int = Field(64, ge=1, le=100_000_000)
-    specimens: int = Field(16, ge=1)
-    seed: int = Field(0, ge=0, lt=2**63)
     specimen: AtomicSpecimen
     imaging: Imaging = Imaging()
     optics: Optics = Optics()
@@ -149,29 +142,8 @@ class AtomicTEMRecipe(_Strict):
     labels: Labels = Labels()
     output: Output = Output()
 
-    @field_validator("size")
-    @classmethod
-    def _size(cls, v):
-        if not all(8 <= x <= 16384 for x in v):
-            raise ValueError("each side must be within 8..16384 px")
-        return v
-
-    @model_validator(mode="after")
-    def _checks(self):
-        if self.specimens > self.samples:
-            raise ValueError(
-                f"specimens ({self.specimens}) must be <= samples ({self.samples}): "
-                "each specimen is imaged at least once"
-            )
-        return self
-
     @property
     def pixel_size_a(self) -> float:
         """Image pixel size, Å."""
         return self.pixel_size.value * _TO_A[self.pixel_size.unit]
 
-    @property
-    def samples_per_specimen(self) -> int:
-        """Consecutive samples sharing one specimen (and, in HRTEM, one exit wave):
-        ceil(samples / specimens) = K."""
-        return -(-self.samples // self.specimens)
