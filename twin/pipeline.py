@@ -33,7 +33,7 @@ from twin.instrument import Instrument
 from twin.recipe import Recipe
 from twin.seeding import sample_rng, specimen_rng
 
-__all__ = ["Sample", "SEMGrainPipeline", "LABEL_SPECS", "FeatureStages", "build_features",
+__all__ = ["CachedSpecimenPipeline", "Sample", "SEMGrainPipeline", "LABEL_SPECS", "FeatureStages", "build_features",
            "SpecimenState"]
 
 LABEL_SPECS = {
@@ -235,6 +235,41 @@ def _stretch_bound(cmap, extent: tuple[float, float], n: int = 128) -> float:
     det = a * d - b * c
     smax2 = 0.5 * (s1 + np.sqrt(np.maximum(s1 * s1 - 4 * det * det, 0.0)))
     return 1.05 * float(np.sqrt(smax2.max()))
+
+
+class CachedSpecimenPipeline:
+    """Shared plumbing of the raster-image pipelines (HRTEM/STEM, BF-TEM): image shape, label specs,
+    specimen ids and a one-specimen cache (only the last specimen is kept, so memory stays flat).
+
+    Subclasses set ``recipe``, ``label_names``, ``label_catalogue`` (name → LabelSpec) and
+    implement ``_make_specimen(specimen_id)``.
+    """
+
+    label_catalogue: dict[str, LabelSpec] = {}
+    _cache: tuple[int, Any] | None = None
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        """Shape of one image: (H, W)."""
+        return tuple(self.recipe.size)
+
+    @property
+    def label_specs(self) -> dict[str, LabelSpec]:
+        return {n: self.label_catalogue[n] for n in self.label_names}
+
+    def specimen_id(self, index: int) -> int:
+        """Specimen imaged by sample ``index`` (consecutive samples share one)."""
+        return int(index) // self.recipe.samples_per_specimen
+
+    def specimen_of(self, specimen_id: int) -> Any:
+        """The specimen of ``specimen_id`` (cached: the last one)."""
+        if self._cache is None or self._cache[0] != specimen_id:
+            self._cache = None  # release the previous specimen before computing the next
+            self._cache = (specimen_id, self._make_specimen(specimen_id))
+        return self._cache[1]
+
+    def _make_specimen(self, specimen_id: int) -> Any:  # pragma: no cover - abstract
+        raise NotImplementedError
 
 
 class SEMGrainPipeline:

@@ -29,7 +29,7 @@ from generators.tem.particles3d import ParticleField
 from twin.dataset import LabelSpec
 from twin.errors import RecipeError
 from twin.instrument import Instrument
-from twin.pipeline import Sample
+from twin.pipeline import CachedSpecimenPipeline, Sample
 from twin.seeding import sample_rng, specimen_rng
 
 __all__ = ["BFTEMPipeline", "LABEL_SPECS"]
@@ -63,7 +63,7 @@ class _Specimen:
         self.params = params
 
 
-class BFTEMPipeline:
+class BFTEMPipeline(CachedSpecimenPipeline):
     """Generates sample ``i`` of a BF-TEM recipe, deterministically from (root seed, i).
 
     Parameters
@@ -77,6 +77,8 @@ class BFTEMPipeline:
 
     generator_name = "tem-bf-nanoparticles"
     image_dtype = "uint16"
+
+    label_catalogue = LABEL_SPECS
 
     def __init__(self, recipe, instrument: Instrument, root_seed: int | None = None):
         if instrument.tem is None:
@@ -138,26 +140,7 @@ class BFTEMPipeline:
                                  col_sigma=d.fixed_pattern.col_sigma,
                                  pattern_seed=d.fixed_pattern.seed, lag_px=d.lag_px)
         self.label_names = list(recipe.labels.names)
-        self._cache: tuple[int, _Specimen] | None = None
-
-    @property
-    def image_shape(self) -> tuple[int, ...]:
-        """Shape of one image: (H, W)."""
-        return tuple(self.recipe.size)
-
-    @property
-    def label_specs(self) -> dict[str, LabelSpec]:
-        return {n: LABEL_SPECS[n] for n in self.label_names}
-
-    def specimen_id(self, index: int) -> int:
-        """Specimen imaged by sample ``index`` (consecutive samples share one)."""
-        return int(index) // self.recipe.samples_per_specimen
-
-    def specimen_of(self, specimen_id: int) -> _Specimen:
-        """The rendered specimen (cached: the last one)."""
-        if self._cache is None or self._cache[0] != specimen_id:
-            self._cache = (specimen_id, self._make_specimen(specimen_id))
-        return self._cache[1]
+        self._cache = None
 
     def _make_specimen(self, specimen_id: int) -> _Specimen:
         rng = specimen_rng(self.root_seed, specimen_id)

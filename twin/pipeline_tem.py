@@ -38,7 +38,7 @@ from generators.tem.stem import HAADF, haadf_signal
 from twin.dataset import LabelSpec
 from twin.errors import RecipeError
 from twin.instrument import Instrument
-from twin.pipeline import Sample
+from twin.pipeline import CachedSpecimenPipeline, Sample
 from twin.seeding import sample_rng, specimen_rng
 
 __all__ = ["AtomicTEMPipeline", "TEMSample", "LABEL_SPECS"]
@@ -72,7 +72,7 @@ class _Specimen:
         self.wave = wave
 
 
-class AtomicTEMPipeline:
+class AtomicTEMPipeline(CachedSpecimenPipeline):
     """Generates sample ``i`` of an atomic TEM recipe, deterministically from (root seed, i).
 
     Parameters
@@ -84,6 +84,8 @@ class AtomicTEMPipeline:
     """
 
     image_dtype = "uint16"
+
+    label_catalogue = LABEL_SPECS
 
     def __init__(self, recipe, instrument: Instrument, root_seed: int | None = None):
         self.recipe = recipe
@@ -191,29 +193,7 @@ class AtomicTEMPipeline:
                 mains_frequency_hz=(scan.mains.frequency_hz if scan.mains is not None else 50.0),
                 dwell_time_s=scan.dwell_time_s, flyback_s=scan.flyback_s)
         self.label_names = list(recipe.labels.names)
-        self._cache: tuple[int, _Specimen] | None = None
-
-    # ---- declarations ----
-    @property
-    def image_shape(self) -> tuple[int, ...]:
-        """Shape of one image: (H, W)."""
-        return tuple(self.recipe.size)
-
-    @property
-    def label_specs(self) -> dict[str, LabelSpec]:
-        return {n: LABEL_SPECS[n] for n in self.label_names}
-
-    def specimen_id(self, index: int) -> int:
-        """Specimen (and exit wave) of sample ``index``: consecutive K samples share one."""
-        return int(index) // self.recipe.samples_per_specimen
-
-    # ---- specimen (cached: only the last one is kept, so memory stays flat) ----
-    def specimen_of(self, specimen_id: int) -> _Specimen:
-        """Atoms, footprints, columns and (HRTEM) exit wave of a specimen."""
-        if self._cache is None or self._cache[0] != specimen_id:
-            self._cache = None  # release the previous exit wave before computing the next
-            self._cache = (specimen_id, self._make_specimen(specimen_id))
-        return self._cache[1]
+        self._cache = None
 
     def _make_specimen(self, specimen_id: int) -> _Specimen:
         rng = specimen_rng(self.root_seed, specimen_id)
