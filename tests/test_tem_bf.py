@@ -375,3 +375,55 @@ def test_generate_hdf5_round_trip(tmp_path):
                 assert np.array_equal(got["labels"][k], ref.labels[k])
             assert got["params"] == json.loads(json.dumps(ref.params))
             assert got["specimen_id"] == ref.specimen_id
+
+
+# ------------------------------------------------------------------------------- particle motion
+
+def test_motion_blur_is_the_average_over_gaussian_displacements(rng):
+    """Monte-Carlo reference: the mean of the thickness map shifted by Gaussian displacements."""
+    from scipy import ndimage
+
+    from generators.tem.bf import particle_motion_blur
+
+    t = np.zeros((48, 48))
+    t[18:30, 14:34] = 50.0                     # a slab, Å
+    a = np.full_like(t, 1.0)
+    a[18:30, 24:34] = 3.0                      # one half absorbs 3x more
+    sigma = 1.5
+    shifts = rng.normal(0.0, sigma, size=(4000, 2))
+    ref_t = np.mean([ndimage.shift(t, s, order=1, mode="nearest") for s in shifts], axis=0)
+    ref_ta = np.mean([ndimage.shift(t * a, s, order=1, mode="nearest") for s in shifts], axis=0)
+    tb, ab = particle_motion_blur(t, a, sigma)
+    # linear interpolation of the shifts adds a little blur of its own (~0.3 px): loose tolerance
+    assert np.max(np.abs(tb - ref_t)) < 0.06 * t.max()
+    assert np.isclose(tb.sum(), t.sum(), rtol=1e-4)           # volume is conserved
+    inside = ref_t > 5
+    assert np.max(np.abs(tb * ab - ref_ta)[inside]) < 0.06 * (t * a).max()
+    t0, a0 = particle_motion_blur(t, a, 0.0)
+    assert t0 is t and a0 is a
+    with pytest.raises(ValueError, match="motion blur"):
+        particle_motion_blur(t, a, -1.0)
+
+
+def test_particle_motion_softens_the_image_but_keeps_labels_and_the_support():
+    plain = make_pipe()
+    moving = make_pipe(RECIPE.replace("  neck_probability: 0.3\n",
+                                      "  neck_probability: 0.3\n  motion_blur_nm: [2.0, 2.0]\n"))
+    s0, s1 = plain.generate(4), moving.generate(4)
+    for k in s0.labels:
+        assert np.array_equal(s0.labels[k], s1.labels[k])        # labels: geometry at the mean position
+    assert s1.params["particle_motion_px"] == pytest.approx(4.0)  # 2 nm at 0.5 nm/px
+    assert "particle_motion_px" not in s0.params                 # off: the old params and bytes
+    assert s0.params["view"] == s1.params["view"]
+    # the particle edges soften: the image gradient across label edges drops
+    from scipy import ndimage
+    edge = ndimage.binary_dilation(s0.labels["particle"] > 0, iterations=2) & \
+        ~ndimage.binary_erosion(s0.labels["particle"] > 0, iterations=2)
+    far = ~ndimage.binary_dilation(s0.labels["particle"] > 0, iterations=10)
+
+    def grad(img):
+        g = ndimage.gaussian_filter(img.astype(float), 2.0)  # beyond the shot noise
+        return np.hypot(*np.gradient(g))
+    assert grad(s1.image)[edge].mean() < 0.8 * grad(s0.image)[edge].mean()
+    if far.sum() > 50:  # the support (away from particles) keeps its texture statistics
+        assert grad(s1.image)[far].mean() == pytest.approx(grad(s0.image)[far].mean(), rel=0.25)

@@ -24,6 +24,7 @@ import numpy as np
 from generators.detector import Detector
 from generators.optics import GaussianPSF, LorentzianTailPSF
 from generators.tem.bf import BFImaging, interaction_constant, max_edge_phase_step, \
+    particle_motion_blur, \
     support_screen, transmission
 from generators.tem.particles3d import ParticleField
 from twin.dataset import LabelSpec
@@ -199,13 +200,19 @@ class BFTEMPipeline(CachedSpecimenPipeline):
         det_p = self.detector.sample(rng)
 
         win = (slice(oy, oy + h + 2 * m), slice(ox, ox + w + 2 * m))
-        wave = transmission(spec.t_particle_a[win], spec.t_support_a[win], sigma=self.sigma,
+        t_p = spec.t_particle_a[win]
+        absorption = None if spec.absorption is None else spec.absorption[win]
+        motion = self.recipe.specimen.motion_blur_nm
+        motion_px = 0.0
+        if motion[1] > 0:  # drawn only when enabled: recipes without it keep their bytes
+            motion_px = float(rng.uniform(*motion)) / self.recipe.pixel_size_nm
+            t_p, absorption = particle_motion_blur(t_p, absorption, motion_px)
+        wave = transmission(t_p, spec.t_support_a[win], sigma=self.sigma,
                             mip_particle_v=spec.mip_particle_v,
                             mip_support_v=spec.mip_support_v,
                             mfp_particle_a=spec.mfp_particle_a,
                             mfp_support_a=spec.mfp_support_a,
-                            particle_absorption=(None if spec.absorption is None
-                                                 else spec.absorption[win]))
+                            particle_absorption=absorption)
         intensity = self.imaging.apply(wave, img_p)[m:m + h, m:m + w]
         signal = self.optics.apply(intensity, psf_p)
         image = self.detector.apply(np.clip(signal, 0.0, None), det_p)
@@ -224,4 +231,6 @@ class BFTEMPipeline(CachedSpecimenPipeline):
             "optics": psf_p.to_dict(),
             "detector": det_p.to_dict(),
         }
+        if motion[1] > 0:
+            params["particle_motion_px"] = motion_px
         return Sample(image=image, labels=labels, specimen_id=sid, index=int(index), params=params)

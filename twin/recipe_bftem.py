@@ -61,6 +61,9 @@ class BFSpecimen(_Strict):
     neck_probability: float = Field(0.1, ge=0, le=1)
     neck_radius_fraction: _range_type(gt=0, le=1) = (0.3, 0.6)
     min_gap_nm: float = Field(1.0, ge=0, le=1000)
+    motion_blur_nm: _range_type(ge=0, le=1000) = Field(
+        (0.0, 0.0), description="rms displacement of the particles during one exposure (in-situ "
+                                "heating: particles jiggle on the support), drawn per sample")
     material: Material = Material()
     support: Support = Support()
 
