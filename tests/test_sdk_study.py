@@ -166,3 +166,44 @@ budget: {pretrain_minutes: 0.01, model_minutes: 0.01, max_epochs: 1, total_minut
     # the seed round is the same random batch for both strategies: identical first scores
     first = {(r["fold"], r["variant"]): r["boundary_f1"] for r in rows if r["k"] == 2}
     assert first[(0, "random")] == first[(0, "entropy+kcentre")]
+
+
+def test_synthetic_threshold_tunes_the_cut_on_dev_labels_only(tmp_path):
+    """A 'model' that draws every particle 3 px too fat: the dev-tuned cut shrinks it back."""
+    import torch
+    from scipy import ndimage
+
+    from sdk import study
+
+    rng = np.random.default_rng(3)
+    ys, xs = [], []
+    for _ in range(6):
+        y = np.zeros((64, 64), bool)
+        for cy, cx in rng.uniform(12, 52, size=(3, 2)):
+            yy, xx = np.mgrid[:64, :64]
+            y |= (yy - cy) ** 2 + (xx - cx) ** 2 < 7 ** 2
+        ys.append(y)
+        # input = signed distance to the particle edge, px (> 0 inside)
+        sd = ndimage.distance_transform_edt(y) - ndimage.distance_transform_edt(~y)
+        xs.append(sd[None].astype(np.float32))
+
+    class Fat(torch.nn.Module):
+        def forward(self, x):  # p = sigmoid(sd + 3): p = 0.5 three px outside every particle
+            return torch.cat([torch.zeros_like(x), x + 3.0], 1)
+
+    spec = parse_study("name: t\ntask: particle\nreal: {root: real, channels: 1}\n"
+                       "conditions: [classical]\n")
+    real = study._Real(names=[str(i) for i in range(6)], groups=[str(i) for i in range(6)], raw=[],
+                       x=xs, y=ys)
+    ctx = study._Ctx(spec=spec, base=tmp_path, out=tmp_path, real=real, log=lambda m: None)
+    dev, test = np.arange(4), np.arange(4, 6)
+    study._run_threshold(ctx, 0, dev, test, Fat())
+    row = ctx.rows[-1]
+    best = float(row["variant"].split("=")[1])
+    assert best >= 0.9                     # sigmoid(3 - d) >= 0.9 cuts ~1 px outside the edge instead of 3
+    plain = np.mean([score(study._probability(Fat(), xs[i]) > 0.5, ys[i], "particle", 2)["iou"] for i in test])
+    assert row["iou"] > plain + 0.1
+    # the cut came from dev labels: corrupting the test labels does not change it
+    ctx.real.y[4] = ~ctx.real.y[4]
+    study._run_threshold(ctx, 0, dev, test, Fat())
+    assert ctx.rows[-1]["variant"] == row["variant"]
