@@ -20,7 +20,7 @@ import numpy as np
 from numba import njit, prange
 
 __all__ = ["ChannellingContrast", "ChannellingParams", "groove_signal", "boundary_label",
-           "FWHM_TO_SIGMA"]
+           "shaded_signal", "FWHM_TO_SIGMA"]
 
 FWHM_TO_SIGMA = 1.0 / (2.0 * math.sqrt(2.0 * math.log(2.0)))
 
@@ -70,6 +70,137 @@ def groove_signal(
     _groove_kernel(g, d, np.ascontiguousarray(intensity, dtype=np.float64),
                    float(width_px) * FWHM_TO_SIGMA, float(depth), out)
     return out.reshape(np.shape(grain_id))
+
+
+@njit(parallel=True, cache=True)
+def _shaded_kernel(gid, dist, intensity, sigma, depth, use_twin, tdist, tsigma, tdepth,
+                   use_sub, sid, sdist, sdelta, ssigma, sdepth, use_grad, xs, ys, ggid, gorig,
+                   gslope, lx, ly, periodic, out):
+    """:func:`_groove_kernel` times the optional twin-groove, sub-grain and gradient factors, in
+    one pass with the arithmetic (and float32 roundings) of the separate kernels and of the
+    float32 products ``signal · (f_twin · f_sub · f_grad)`` taken in that order."""
+    n = gid.shape[0]
+    inv = 0.5 / (sigma * sigma) if sigma > 0.0 else 0.0
+    tinv = 0.5 / (tsigma * tsigma) if tsigma > 0.0 else 0.0
+    sinv = 0.5 / (ssigma * ssigma) if ssigma > 0.0 else 0.0
+    for i in prange(n):
+        d = dist[i]
+        v = intensity[gid[i]]
+        if sigma > 0.0 and depth > 0.0:
+            v *= 1.0 - depth * math.exp(-d * d * inv)
+        sig = np.float32(v)
+        have = False
+        f = np.float32(1.0)
+        if use_twin:
+            td = tdist[i]
+            f = np.float32(1.0 - tdepth * math.exp(-td * td * tinv) if tsigma > 0.0 else 1.0)
+            have = True
+        if use_sub:
+            w = 1.0 + sdelta[sid[i]]
+            if ssigma > 0.0 and sdepth > 0.0:
+                sd = sdist[i]
+                w *= 1.0 - sdepth * math.exp(-sd * sd * sinv)
+            fs = np.float32(w)
+            f = f * fs if have else fs
+            have = True
+        if use_grad:
+            g = ggid[i]
+            dx = xs[i] - gorig[g, 0]
+            dy = ys[i] - gorig[g, 1]
+            if periodic:
+                dx -= lx * round(dx / lx)
+                dy -= ly * round(dy / ly)
+            fg = np.float32(max(1.0 + gslope[g, 0] * dx + gslope[g, 1] * dy, 0.0))
+            f = f * fg if have else fg
+            have = True
+        out[i] = sig * f if have else sig
+
+
+def _flat(a, dtype):
+    return np.ascontiguousarray(a, dtype=dtype).ravel()
+
+
+def shaded_signal(grain_id: np.ndarray, distance: np.ndarray, intensity: np.ndarray,
+                  width_px: float, depth: float, *, twin=None, subgrains=None, gradient=None
+                  ) -> np.ndarray:
+    """:func:`groove_signal` times the optional multiplicative factors, in one pass.
+
+    Bit for bit ``groove_signal(...) * (f_twin * f_sub * f_grad)`` (float32 products in that
+    order, absent factors left out) with ``f_twin`` = ``twins.twin_groove_factor``, ``f_sub`` =
+    ``substructure.subgrain_factor`` and ``f_grad`` = ``GradientField.factor``.
+
+    Parameters
+    ----------
+    grain_id, distance, intensity, width_px, depth
+        As in :func:`groove_signal` (``grain_id`` may index a longer table, e.g. twin yields).
+    twin : (distance, width_px, depth), optional
+        Twin-edge distance (px, shape of ``grain_id``), groove FWHM (px) and depth (0–1).
+    subgrains : (subgrain_id, distance, delta, width_px, depth), optional
+        Sub-grain ids, sub-boundary distance (px), per-sub-grain ``δ``, groove FWHM, depth.
+    gradient : (x, y, grain_id, origins, slope, (Lx, Ly), periodic), optional
+        Specimen coordinates (px), parent grain ids, seeds (n, 2) px, slopes (n, 2) per px.
+
+    Returns
+    -------
+    ndarray (H, W) float32
+    """
+    if not 0.0 <= depth <= 1.0:
+        raise ValueError(f"groove depth must be within [0, 1], got {depth}")
+    if width_px < 0:
+        raise ValueError(f"groove width must be >= 0 px, got {width_px}")
+    shape = np.shape(grain_id)
+    g = _flat(grain_id, np.int32)
+    d = _flat(distance, np.float32)
+    if g.size and (g.min() < 0 or g.max() >= intensity.shape[0]):
+        raise ValueError("grain ids out of range of the intensity table")
+    n = g.shape[0]
+    f32 = np.zeros(1, np.float32)
+    i32 = np.zeros(1, np.int32)
+    f64 = np.zeros(1)
+    f64_2 = np.zeros((1, 2))
+    td, tw, tdp = f32, 0.0, 0.0
+    if twin is not None:
+        td, tw, tdp = twin
+        if not 0.0 <= tdp <= 1.0:
+            raise ValueError(f"twin groove depth must be within [0, 1], got {tdp}")
+        if not tw >= 0:
+            raise ValueError(f"twin groove width must be >= 0 px, got {tw}")
+        td = _flat(td, np.float32)
+        if td.shape[0] != n:
+            raise ValueError("twin distance must have the shape of grain_id")
+    sid, sd, sdl, sw, sdp = i32, f32, f64, 0.0, 0.0
+    if subgrains is not None:
+        sid, sd, sdl, sw, sdp = subgrains
+        if not 0.0 <= sdp <= 1.0:
+            raise ValueError(f"sub-grain groove depth must be within [0, 1], got {sdp}")
+        if not sw >= 0:
+            raise ValueError(f"sub-grain groove width must be >= 0 px, got {sw}")
+        sid = _flat(sid, np.int32)
+        sd = _flat(sd, np.float32)
+        sdl = np.ascontiguousarray(sdl, dtype=np.float64)
+        if sid.shape[0] != n or sd.shape[0] != n:
+            raise ValueError("sub-grain ids and distance must have the shape of grain_id")
+        if sid.size and (sid.min() < 0 or sid.max() >= sdl.shape[0]):
+            raise ValueError("sub-grain ids out of range of the delta table")
+    xs, ys, gg, go, gs, lx, ly, per = f64, f64, i32, f64_2, f64_2, 1.0, 1.0, False
+    if gradient is not None:
+        xs, ys, gg, go, gs, (lx, ly), per = gradient
+        xs = _flat(xs, np.float64)
+        ys = _flat(ys, np.float64)
+        gg = _flat(gg, np.int32)
+        go = np.ascontiguousarray(go, dtype=np.float64)
+        gs = np.ascontiguousarray(gs, dtype=np.float64)
+        if xs.shape[0] != n or ys.shape[0] != n or gg.shape[0] != n:
+            raise ValueError("gradient coordinates and grain ids must have the shape of grain_id")
+        if gg.size and (gg.min() < 0 or gg.max() >= gs.shape[0]):
+            raise ValueError(f"grain ids must lie in [0, {gs.shape[0]})")
+    out = np.empty(n, dtype=np.float32)
+    _shaded_kernel(g, d, np.ascontiguousarray(intensity, dtype=np.float64),
+                   float(width_px) * FWHM_TO_SIGMA, float(depth),
+                   twin is not None, td, float(tw) * FWHM_TO_SIGMA, float(tdp),
+                   subgrains is not None, sid, sd, sdl, float(sw) * FWHM_TO_SIGMA, float(sdp),
+                   gradient is not None, xs, ys, gg, go, gs, float(lx), float(ly), bool(per), out)
+    return out.reshape(shape)
 
 
 def boundary_label(distance: np.ndarray, width_px: float) -> np.ndarray:

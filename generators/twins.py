@@ -61,6 +61,45 @@ def _twin_kernel(xs, ys, gid, twinned, ox, oy, nx, ny, period, width, offset, lx
 
 
 @njit(parallel=True, cache=True)
+def _twin_warped_kernel(xs, ys, gid, twinned, ox, oy, nx, ny, period, width, offset, lx, ly,
+                        periodic, cap_q, jac, cap, inside, dist):
+    """:func:`_twin_kernel` (specimen-space distance, float32, capped at ``cap_q``) followed in
+    the same pass by the image-space distance ``d / |Jᵀ n|`` (capped at ``cap``) with the
+    lamella normal ``n = (nx, ny)`` of the pixel's grain: the arithmetic of ``_twin_kernel`` then
+    ``warp._const_normal_distance_kernel``, so the same bits."""
+    n = xs.shape[0]
+    for i in prange(n):
+        g = gid[i]
+        if not twinned[g]:
+            inside[i] = 0
+            dq = np.float32(cap_q)
+        else:
+            dx = xs[i] - ox[g]
+            dy = ys[i] - oy[g]
+            if periodic:
+                dx -= lx * round(dx / lx)
+                dy -= ly * round(dy / ly)
+            t = nx[g] * dx + ny[g] * dy - offset[g]
+            s = period[g]
+            r = t - s * math.floor(t / s)
+            w = width[g]
+            if r < w:
+                inside[i] = 1
+                d = min(r, w - r)
+            else:
+                inside[i] = 0
+                d = min(r - w, s - r)
+            dq = np.float32(min(d, cap_q))
+        if not dq < cap_q:
+            dist[i] = cap
+            continue
+        nxv = nx[g]
+        nyv = ny[g]
+        sc = math.hypot(jac[i, 0] * nxv + jac[i, 2] * nyv, jac[i, 1] * nxv + jac[i, 3] * nyv)
+        dist[i] = np.float32(min(dq / max(sc, 1e-12), cap))
+
+
+@njit(parallel=True, cache=True)
 def _groove_kernel(dist, sigma, depth, out):
     inv = 0.5 / (sigma * sigma) if sigma > 0.0 else 0.0
     for i in prange(dist.shape[0]):
@@ -146,6 +185,54 @@ class TwinSet:
                      np.ascontiguousarray(self.origins[:, 1]), np.ascontiguousarray(nv[:, 0]),
                      np.ascontiguousarray(nv[:, 1]), self.period, self.width, self.offset,
                      float(lx), float(ly), bool(self.periodic), float(max_distance), inside, dist)
+        return inside.reshape(x.shape), dist.reshape(x.shape)
+
+    def label_warped(self, x: np.ndarray, y: np.ndarray, grain_id: np.ndarray,
+                     jacobian: np.ndarray, max_distance_q: float, max_distance: float
+                     ) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`label` at warped specimen coordinates with the distance taken to image space.
+
+        Same result (bit for bit) as ``label(x, y, grain_id, max_distance_q)`` followed by
+        ``warp.image_space_distance_const(d, grain_id, self.normals, jacobian, max_distance_q,
+        max_distance)``, in one pass.
+
+        Parameters
+        ----------
+        x, y : ndarray, specimen coordinates, px
+        grain_id : ndarray int, shape of ``x``
+        jacobian : ndarray, shape ``x.shape + (2, 2)``, of the map image → specimen
+        max_distance_q, max_distance : float, px (specimen-space and image-space caps)
+
+        Returns
+        -------
+        inside : ndarray uint8 (0/1), shape of ``x``
+        distance : ndarray float32, image-space px
+        """
+        x = np.asarray(x, dtype=np.float64)
+        y = np.asarray(y, dtype=np.float64)
+        g = np.ascontiguousarray(grain_id, dtype=np.int64).ravel()
+        if x.shape != y.shape or g.size != x.size:
+            raise ValueError("x, y and grain_id must have the same shape")
+        n = self.twinned.shape[0]
+        if g.size and (g.min() < 0 or g.max() >= n):
+            raise ValueError(f"grain ids must lie in [0, {n})")
+        if not (max_distance_q > 0 and max_distance > 0):
+            raise ValueError(f"max distances must be > 0 px, got {max_distance_q}, "
+                             f"{max_distance}")
+        jac = np.ascontiguousarray(np.asarray(jacobian, dtype=np.float64).reshape(-1, 4))
+        if jac.shape[0] != g.size:
+            raise ValueError("jacobian must have shape x.shape + (2, 2)")
+        inside = np.empty(g.size, dtype=np.uint8)
+        dist = np.empty(g.size, dtype=np.float32)
+        nv = self.normals
+        lx, ly = self.extent
+        _twin_warped_kernel(np.ascontiguousarray(x.ravel()), np.ascontiguousarray(y.ravel()), g,
+                            self.twinned, np.ascontiguousarray(self.origins[:, 0]),
+                            np.ascontiguousarray(self.origins[:, 1]),
+                            np.ascontiguousarray(nv[:, 0]), np.ascontiguousarray(nv[:, 1]),
+                            self.period, self.width, self.offset, float(lx), float(ly),
+                            bool(self.periodic), float(max_distance_q), jac,
+                            float(max_distance), inside, dist)
         return inside.reshape(x.shape), dist.reshape(x.shape)
 
     def to_dict(self) -> dict:

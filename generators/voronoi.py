@@ -360,10 +360,34 @@ def _rect_dist(px, py, x0, y0, x1, y1):
     return math.sqrt(dx * dx + dy * dy)
 
 
+@njit(cache=True, inline="always")
+def _may_matter(dcs, w, u, cap):
+    """Whether a seed at (hair-low) distance ``dcs`` from a tile, weight ``w ≤ 0``, can be nearest
+    somewhere in the tile or have a radical line closer than ``cap`` to a point of the tile whose
+    nearest seed ``o`` has ``π_o ≤ u`` (``u``: the tile's upper bound of the nearest power
+    distance).  Conservative (margins keep doubtful seeds), so dropping the others changes no
+    label: with ``a = |x − q| ≥ dcs`` and ``b = |x − o| ≤ B = √u`` the line distance is
+    ``d ≥ (a² − w − u) / (2 (a + B)) = g(a)``, whose minimum over ``a ≥ dcs`` is ``g(dcs)`` where
+    ``g`` increases (``a² + 2aB ≥ −w − u``), else ``a* = √(B² − w − u) − B`` (``g(a*) = a*``)."""
+    um = u + 1e-6 * (1.0 + abs(u))
+    if dcs * dcs - w <= um:
+        return True  # may be nearest
+    b = math.sqrt(max(um, 0.0)) * (1.0 + 1e-9) + 1e-9
+    c = -w - um
+    if c <= 0.0 or dcs * dcs + 2.0 * dcs * b >= c:
+        lb = (dcs * dcs + c) / (2.0 * (dcs + b))
+    else:
+        lb = math.sqrt(b * b + c) - b
+    return lb < cap * (1.0 + 1e-6) + 1e-6
+
+
 @njit(cache=True)
 def _tile_scan(sx, sy, sw, sid, start, nx, ny, hx, hy, lx, ly, periodic,
-               x0, y0, x1, y1, radius, fill, out_xyw, out_id, out_dc, pos):
-    """Visit every seed (and periodic image) within ``radius`` of the rectangle; count or store."""
+               x0, y0, x1, y1, radius, fill, out_xyw, out_id, out_dc, pos, u=np.inf, cap=0.0):
+    """Visit every seed (and periodic image) within ``radius`` of the rectangle; count or store.
+    With a finite ``u`` (the tile's nearest-power bound) seeds that :func:`_may_matter` rules
+    out are skipped (Laguerre weights: the radius is set by the largest weight)."""
+    prune = u < np.inf
     jx0 = int(math.floor((x0 - radius) / hx))
     jx1 = int(math.floor((x1 + radius) / hx))
     jy0 = int(math.floor((y0 - radius) / hy))
@@ -386,6 +410,9 @@ def _tile_scan(sx, sy, sw, sid, start, nx, ny, hx, hy, lx, ly, periodic,
                 py = sy[t] + shy
                 dc = _rect_dist(px, py, x0, y0, x1, y1)
                 if dc < radius:
+                    if prune and not _may_matter(max(dc - 1e-9 * (1.0 + dc), 0.0), sw[t], u,
+                                                 cap):
+                        continue
                     if fill:
                         out_xyw[pos + count, 0] = px
                         out_xyw[pos + count, 1] = py
@@ -484,6 +511,13 @@ def _build_tiles(sx, sy, sw, sid, start, nx, ny, hx, hy, lx, ly, periodic, cap, 
     thy = ly / tny
     nt = tnx * tny
     radius = np.empty(nt)
+    ubound = np.empty(nt)
+    # plain Voronoi (all w = 0): every seed within the radius may matter, no pruning
+    weighted = False
+    for t in range(sw.shape[0]):
+        if sw[t] < 0.0:
+            weighted = True
+            break
     counts = np.zeros(nt + 1, dtype=np.int64)
     dummy_xyw = np.empty((0, 3))
     dummy_id = np.empty(0, dtype=np.int32)
@@ -499,8 +533,10 @@ def _build_tiles(sx, sy, sw, sid, start, nx, ny, hx, hy, lx, ly, periodic, cap, 
         # every seed that can be nearest, or whose radical line can lie closer than cap
         r = 2.0 * cap + math.sqrt(max(u, 0.0)) + 1e-9 * (1.0 + cap)
         radius[k] = r
+        ubound[k] = u if weighted else np.inf
         counts[k + 1] = _tile_scan(sx, sy, sw, sid, start, nx, ny, hx, hy, lx, ly, periodic,
-                                   x0, y0, x1, y1, r, False, dummy_xyw, dummy_id, dummy_dc, 0)
+                                   x0, y0, x1, y1, r, False, dummy_xyw, dummy_id, dummy_dc, 0,
+                                   ubound[k], cap)
     tstart = np.cumsum(counts)
     m = tstart[-1]
     xyw = np.empty((m, 3))
@@ -512,7 +548,8 @@ def _build_tiles(sx, sy, sw, sid, start, nx, ny, hx, hy, lx, ly, periodic, cap, 
         x0 = tx * thx
         y0 = ty * thy
         _tile_scan(sx, sy, sw, sid, start, nx, ny, hx, hy, lx, ly, periodic,
-                   x0, y0, x0 + thx, y0 + thy, radius[k], True, xyw, ids, dc, tstart[k])
+                   x0, y0, x0 + thx, y0 + thy, radius[k], True, xyw, ids, dc, tstart[k],
+                   ubound[k], cap)
         _sort_candidates(xyw, ids, dc, tstart[k], tstart[k + 1])
     return tstart, xyw, ids, dc
 

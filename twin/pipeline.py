@@ -237,6 +237,23 @@ def _stretch_bound(cmap, extent: tuple[float, float], n: int = 128) -> float:
     return 1.05 * float(np.sqrt(smax2.max()))
 
 
+def _signal_factor(twin_f, sub_f, gradients, qx, qy, grain_id) -> np.ndarray | None:
+    """Product of the multiplicative signal factors (twin grooves, sub-grains, gradients),
+    float32 in that order, ``None`` without any (the colour path; the grey one fuses them)."""
+    factor = None
+    if twin_f is not None:
+        from generators.twins import twin_groove_factor
+        factor = twin_groove_factor(*twin_f)
+    if sub_f is not None:
+        from generators.substructure import subgrain_factor
+        f = subgrain_factor(*sub_f)
+        factor = f if factor is None else factor * f
+    if gradients is not None:
+        f = gradients.factor(qx, qy, grain_id)
+        factor = f if factor is None else factor * f
+    return factor
+
+
 class CachedSpecimenPipeline:
     """Shared plumbing of the raster-image pipelines (HRTEM/STEM, BF-TEM): image shape, label specs,
     specimen ids and a one-specimen cache (only the last specimen is kept, so memory stays flat).
@@ -501,11 +518,10 @@ class SEMGrainPipeline:
         out.update(qx=qx, qy=qy, grain_id=gid, distance=dist)
         if st.twins is not None:
             tcap_q = self.twin_cap * smax
-            tin, tdist = st.twins.label(qx, qy, gid, max_distance=tcap_q)
-            if jac is not None:
-                from generators.warp import image_space_distance_const
-                tdist = image_space_distance_const(tdist, gid, st.twins.normals, jac, tcap_q,
-                                                   self.twin_cap)
+            if jac is not None:  # lamellae and their image-space distance in one pass
+                tin, tdist = st.twins.label_warped(qx, qy, gid, jac, tcap_q, self.twin_cap)
+            else:
+                tin, tdist = st.twins.label(qx, qy, gid, max_distance=tcap_q)
             out.update(twin=tin, twin_distance=tdist)
         return out
 
@@ -541,31 +557,30 @@ class SEMGrainPipeline:
             gid_signal = grain_id + n * lab["twin"].astype(np.int32)
             extra = st.twin_colours if colour else st.twins.intensity
             table = np.concatenate([intensity, extra])
-        if colour:
-            signal = fs.optical.apply(gid_signal, dist, table, contrast_p)
-        else:
-            signal = self.contrast.apply(gid_signal, dist, table, contrast_p)
-        factor = None
         feat_p: dict[str, Any] = {}
+        twin_f = sub_f = grad_f = None  # arguments of the multiplicative signal factors
         if st.twins is not None:
-            from generators.twins import twin_groove_factor
             tp = fs.twins.sample(_child(keys, _SAMPLE_SLOTS, "twins"))
-            factor = twin_groove_factor(lab["twin_distance"], tp.groove_width_px,
-                                        tp.groove_depth)
+            twin_f = (lab["twin_distance"], tp.groove_width_px, tp.groove_depth)
             feat_p["twins"] = tp.to_dict()
         if st.subgrains is not None:
-            from generators.substructure import subgrain_factor
             sp = fs.subgrains.sample(_child(keys, _SAMPLE_SLOTS, "subgrains"))
             sub_id, sub_d = st.subgrains.label(qx, qy, grain_id, max_distance=self.distance_cap)
-            f = subgrain_factor(sub_id, sub_d, st.subgrains.delta, sp.groove_width_px,
-                                sp.groove_depth)
-            factor = f if factor is None else factor * f
+            sub_f = (sub_id, sub_d, st.subgrains.delta, sp.groove_width_px, sp.groove_depth)
             feat_p["subgrains"] = sp.to_dict()
         if st.gradients is not None:
-            f = st.gradients.factor(qx, qy, grain_id)
-            factor = f if factor is None else factor * f
-        if factor is not None:
-            signal = (signal * (factor[..., None] if colour else factor)).astype(np.float32)
+            gr = st.gradients
+            grad_f = (qx, qy, grain_id, gr.origins, gr.slope, gr.extent, gr.periodic)
+        if colour:
+            signal = fs.optical.apply(gid_signal, dist, table, contrast_p)
+            factor = _signal_factor(twin_f, sub_f, st.gradients, qx, qy, grain_id)
+            if factor is not None:
+                signal = (signal * factor[..., None]).astype(np.float32)
+        else:  # groove contrast and every factor in one pass (same bits as separately)
+            from generators.sem import shaded_signal
+            signal = shaded_signal(gid_signal, dist, table, contrast_p.groove_width_px,
+                                   contrast_p.groove_depth, twin=twin_f, subgrains=sub_f,
+                                   gradient=grad_f)
         pidx = None
         if st.particles is not None:
             pidx = st.particles.label(qx, qy)

@@ -1,0 +1,166 @@
+"""Speed paths of issue 4 give the bits of the reference paths they replace.
+
+* ``sem.shaded_signal`` (groove contrast × twin-groove × sub-grain × gradient factors in one
+  pass) against ``groove_signal`` times ``twin_groove_factor``, ``subgrain_factor`` and
+  ``GradientField.factor`` taken separately (float32 products in pipeline order);
+* ``TwinSet.label_warped`` against ``TwinSet.label`` + ``warp.image_space_distance_const``;
+* the weight-aware pruning of the Laguerre tile candidate lists (``voronoi._may_matter``): labels
+  from the pruned lists against a brute-force NumPy evaluation of every seed and image, and the
+  bound itself against brute-force minima of the radical-line distance.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from generators.sem import groove_signal, shaded_signal
+from generators.substructure import OrientationGradients, Subgrains, subgrain_factor
+from generators.twins import AnnealingTwins, twin_groove_factor
+from generators.voronoi import Tessellation, _may_matter, lognormal_weights, poisson_seeds
+from generators.warp import Warp, image_space_distance_const
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(20261124)
+
+
+def _specimen(rng, n=60, ext=(160.0, 120.0), sigma=0.6, periodic=True):
+    seeds = poisson_seeds(rng, n, ext)
+    w = lognormal_weights(rng, n, math.sqrt(ext[0] * ext[1] / n), sigma)
+    return Tessellation(seeds, ext, weights=w, periodic=periodic)
+
+
+@pytest.mark.parametrize("parts", [(), ("twin",), ("sub",), ("grad",), ("twin", "sub"),
+                                   ("twin", "grad"), ("sub", "grad"), ("twin", "sub", "grad")])
+def test_shaded_signal_bitwise_equals_separate_factors(rng, parts):
+    tess = _specimen(rng)
+    h, w = 48, 64
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
+    qx, qy = 1.7 * xx + 3.1, 1.3 * yy + 2.2
+    gid, dist = tess.label(qx, qy, max_distance=6.0)
+    n = tess.n_seeds
+    twins = AnnealingTwins(probability=0.6).sample_specimen(rng, tess.seeds, tess.extent, True)
+    tin, tdist = twins.label(qx, qy, gid, max_distance=3.0)
+    gsig = gid + n * tin.astype(np.int32)
+    table = np.concatenate([rng.uniform(0.2, 1.0, n), twins.intensity])
+    width, depth = 2.5, 0.4
+    ref = groove_signal(gsig, dist, table, width, depth)
+    factor = None
+    kw = {}
+    if "twin" in parts:
+        factor = twin_groove_factor(tdist, 1.1, 0.07)
+        kw["twin"] = (tdist, 1.1, 0.07)
+    if "sub" in parts:
+        sub = Subgrains().sample_specimen(rng, tess, label_cap=6.0)
+        sid, sd = sub.label(qx, qy, gid, max_distance=6.0)
+        f = subgrain_factor(sid, sd, sub.delta, 1.3, 0.05)
+        factor = f if factor is None else factor * f
+        kw["subgrains"] = (sid, sd, sub.delta, 1.3, 0.05)
+    if "grad" in parts:
+        gr = OrientationGradients(amplitude=(0.05, 0.3)).sample_specimen(rng, tess)
+        f = gr.factor(qx, qy, gid)
+        factor = f if factor is None else factor * f
+        kw["gradient"] = (qx, qy, gid, gr.origins, gr.slope, gr.extent, gr.periodic)
+    if factor is not None:
+        ref = (ref * factor).astype(np.float32)
+    out = shaded_signal(gsig, dist, table, width, depth, **kw)
+    assert out.dtype == np.float32 and out.shape == (h, w)
+    assert out.tobytes() == ref.tobytes()
+    if factor is not None:  # the factors did something (the comparison can fail)
+        assert not np.array_equal(out, groove_signal(gsig, dist, table, width, depth))
+
+
+def test_shaded_signal_rejects_bad_input(rng):
+    g = np.zeros((4, 4), np.int32)
+    d = np.ones((4, 4), np.float32)
+    with pytest.raises(ValueError, match="out of range"):
+        shaded_signal(g + 3, d, np.ones(2), 1.0, 0.2)
+    with pytest.raises(ValueError, match="twin groove depth"):
+        shaded_signal(g, d, np.ones(2), 1.0, 0.2, twin=(d, 1.0, 1.5))
+    with pytest.raises(ValueError, match="delta table"):
+        shaded_signal(g, d, np.ones(2), 1.0, 0.2, subgrains=(g + 5, d, np.zeros(2), 1.0, 0.1))
+
+
+@pytest.mark.parametrize("periodic", [True, False])
+def test_twin_label_warped_bitwise_equals_two_passes(rng, periodic):
+    tess = _specimen(rng, periodic=periodic)
+    cmap = Warp(amplitude_px=(2.0, 3.0), correlation_px=(15.0, 25.0), elongation=(1.4, 1.6),
+                angle_deg=(10.0, 30.0)).sample_specimen(rng, tess.extent)
+    yy, xx = np.mgrid[0:40, 0:56].astype(np.float64)
+    qx, qy, jac = cmap.apply(2.0 * xx + 5.0, 2.0 * yy + 4.0)
+    gid, _ = tess.label(qx, qy, max_distance=8.0)
+    twins = AnnealingTwins(probability=0.7).sample_specimen(rng, tess.seeds, tess.extent,
+                                                            periodic)
+    cap_q, cap = 2.7, 1.9
+    tin_ref, td = twins.label(qx, qy, gid, max_distance=cap_q)
+    td_ref = image_space_distance_const(td, gid, twins.normals, jac, cap_q, cap)
+    tin, tdist = twins.label_warped(qx, qy, gid, jac, cap_q, cap)
+    assert tin.tobytes() == tin_ref.tobytes()
+    assert tdist.dtype == np.float32 and tdist.tobytes() == td_ref.tobytes()
+    assert tin.any() and (tdist < cap).any()
+
+
+def _brute_label(tess, x, y, cap):
+    """Nearest seed (all 9 periodic images) and capped distance to its radical lines (NumPy)."""
+    lx, ly = tess.extent
+    w = tess.weights - tess.weights.max()
+    shifts = np.array([(a * lx, b * ly) for a in (-1, 0, 1) for b in (-1, 0, 1)])
+    img = (tess.seeds[None, :, :] + shifts[:, None, :]).reshape(-1, 2)
+    wi = np.tile(w, 9)
+    ids = np.tile(np.arange(tess.n_seeds), 9)
+    px = np.c_[x.ravel() % lx, y.ravel() % ly]
+    pw = ((px[:, None, :] - img[None]) ** 2).sum(-1) - wi[None]
+    o = pw.argmin(1)
+    sep = np.linalg.norm(img[None] - img[o][:, None], axis=-1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        d = (pw - pw[np.arange(len(o)), o][:, None]) / (2 * sep)
+    d[sep == 0] = np.inf
+    return ids[o], np.minimum(d.min(1), cap)
+
+
+@pytest.mark.parametrize("sigma", [0.3, 1.0])
+def test_pruned_laguerre_tile_lists_label_exactly(rng, sigma):
+    tess = _specimen(rng, n=50, ext=(100.0, 90.0), sigma=sigma)
+    x = rng.uniform(-20, 120, 3000)
+    y = rng.uniform(-20, 110, 3000)
+    cap = 6.0
+    gid, dist = tess.label(x, y, max_distance=cap)
+    ref_id, ref_d = _brute_label(tess, x, y, cap)
+    assert np.array_equal(gid, ref_id)
+    np.testing.assert_allclose(dist, ref_d, rtol=1e-5, atol=1e-4)
+
+
+def test_may_matter_bound_is_a_lower_bound(rng):
+    """Where the bound rules a seed out, brute force finds no point of the tile at which it is
+    nearest or its radical line with the nearest seed lies closer than the cap."""
+    tess = _specimen(rng, n=40, ext=(80.0, 80.0), sigma=1.0, periodic=False)
+    w = tess.weights - tess.weights.max()
+    s = tess.seeds
+    cap = 5.0
+    ruled_out = 0
+    for _ in range(20):
+        x0, y0 = rng.uniform(10, 60, 2)
+        x1, y1 = x0 + 5.0, y0 + 5.0
+        corners = np.array([(x0, y0), (x1, y0), (x0, y1), (x1, y1)])
+        # U: the smallest power distance at a seed's farthest tile corner (as _build_tiles)
+        u = (np.abs(s[:, None, :] - corners[None]).max(1) ** 2).sum(1) - w
+        u = float(u.min())
+        gx, gy = np.meshgrid(np.linspace(x0, x1, 21), np.linspace(y0, y1, 21))
+        pts = np.c_[gx.ravel(), gy.ravel()]
+        pw = ((pts[:, None, :] - s[None]) ** 2).sum(-1) - w[None]
+        o = pw.argmin(1)
+        for q in range(len(s)):
+            dxr = max(x0 - s[q, 0], s[q, 0] - x1, 0.0)
+            dyr = max(y0 - s[q, 1], s[q, 1] - y1, 0.0)
+            if _may_matter(math.hypot(dxr, dyr), w[q], u, cap):
+                continue
+            ruled_out += 1
+            assert not np.any(o == q)
+            sep = np.linalg.norm(s[q] - s[o], axis=1)
+            d = (pw[:, q] - pw[np.arange(len(o)), o]) / (2 * sep)
+            assert d.min() >= cap
+    assert ruled_out > 50  # the bound does prune
