@@ -28,7 +28,9 @@ bit for bit):
 
 The kernel is parallel over rows with one SplitMix64 random stream per row
 (:mod:`generators._rng`), so the result depends only on the drawn ``noise_key``, never on the number
-of threads.
+of threads.  Shot noise is an exact Poisson sampler (inversion below λ = 10, Hörmann's PTRS from
+10 on) and readout noise an exact Gaussian (Ziggurat); both read the row's stream counter-based
+(fixed numbers per pixel), so that a pass over a row is branch-free and vectorises.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit, prange
 
-from generators._rng import normal_pair, poisson, stream_start
+from generators._rng import normal_row, poisson_row, stream_start, substream
 
 __all__ = ["Detector", "DetectorParams", "detect", "fixed_pattern", "lag_kernel", "apply_lag",
            "lag_coefficient", "lag_variance_factor"]
@@ -71,38 +73,40 @@ class DetectorParams:
         return d
 
 
-@njit(parallel=True, cache=True)
+#: Block of a row's stream (generators._rng.substream) where the readout normals start; the Poisson
+#: rounds use blocks 0, 1, 2, … (a handful), the normals' rare continuations blocks above this one.
+_NORMAL_BLOCK = 1 << 31
+
+
+@njit(parallel=True, cache=True, error_model="numpy")
 def _detect_full_kernel(signal, dose, gain, readout, offset, vmax, key, row_off, col_off, lag_a,
                         out):
-    # One row = one random stream.  Zero offsets and lag_a = 0 give the basic Poisson–Gaussian
-    # model (the offsets add exact zeros; the lag branch is skipped).
+    # One row = one counter-based random stream (generators._rng): the row's Poisson deviates
+    # (poisson_row: blocks 0, 1, …), then its readout normals (normal_row: from block 2³¹).  Each
+    # pass over a row is branch-free where it can be, so that it vectorises.  Zero offsets and
+    # lag_a = 0 give the basic Poisson–Gaussian model (the offsets add exact zeros).
     h, w = signal.shape
     b = 1.0 - lag_a
     for r in prange(h):
-        st = stream_start(key, r)
-        z1 = 0.0
-        y = dose * signal[r, 0]
+        start = stream_start(key, r)
+        lam = np.empty(w, dtype=np.float64)
+        ne = np.empty(w, dtype=np.float64)
+        z = np.zeros(w, dtype=np.float64)
+        scratch = np.empty(w, dtype=np.int64)
+        for c in range(w):
+            lam[c] = dose * signal[r, c]
+        poisson_row(start, lam, ne, scratch)
+        if lag_a > 0.0:
+            y = lam[0]
+            for c in range(w):
+                y = lag_a * y + b * ne[c]
+                ne[c] = y
+        if readout > 0.0:
+            normal_row(substream(start, _NORMAL_BLOCK), z, scratch)
         o_r = offset + row_off[r]
         for c in range(w):
-            lam = dose * signal[r, c]
-            ne, st = poisson(st, lam)
-            if lag_a > 0.0:
-                y = lag_a * y + b * ne
-            else:
-                y = float(ne)
-            v = gain * y + (o_r + col_off[c])
-            if readout > 0.0:
-                if c % 2 == 0:
-                    z0, z1, st = normal_pair(st)
-                    v += readout * z0
-                else:
-                    v += readout * z1
-            v = np.floor(v + 0.5)
-            if v < 0.0:
-                v = 0.0
-            elif v > vmax:
-                v = vmax
-            out[r, c] = np.uint16(v)
+            v = math.floor(gain * ne[c] + (o_r + col_off[c]) + readout * z[c] + 0.5)
+            out[r, c] = np.uint16(min(max(v, 0.0), vmax))
 
 
 def lag_coefficient(lag_px: float) -> float:
