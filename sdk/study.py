@@ -730,7 +730,7 @@ def run_study(spec: StudySpec, base_dir: str | os.PathLike, out: str | os.PathLi
         f"{len(folds)} grouped folds, k={spec.k}, conditions {spec.conditions}")
 
     base_model = None
-    if any(c in _NEEDS_SYNTHETIC for c in spec.conditions):
+    if any(c in _NEEDS_SYNTHETIC and c != "ablation" for c in spec.conditions):  # ablation pretrains per variant
         recipe = (base / spec.synthetic.recipe).resolve()
         if not recipe.is_file():
             raise StudyError(f"synthetic recipe not found: {recipe}")

@@ -34,7 +34,8 @@ def test_study_file_errors_name_the_problem():
         parse_study("name: [\n")
 
 
-@pytest.mark.parametrize("name", ["tbm_grains.yaml", "tbm_grains_ablation.yaml", "bf_tem_nanoparticles.yaml"])
+@pytest.mark.parametrize("name", ["tbm_grains.yaml", "tbm_grains_ablation.yaml", "tbm_grains_active.yaml",
+                                  "bf_tem_nanoparticles.yaml"])
 def test_shipped_studies_validate(name):
     spec, base = load_study(ROOT / "recipes" / "studies" / name)
     assert (base / spec.real.root).resolve().is_dir()
@@ -143,6 +144,9 @@ budget: {pretrain_minutes: 0.01, model_minutes: 0.01, max_epochs: 1, total_minut
     assert {r["k"] for r in res["rows"]} == {0, 2}
     md = (tmp_path / "out" / "summary.md").read_text()
     assert "Δ vs all on" in md and "| no_twins | 0 |" in md
+    # only the variants are pretrained (no separate model on the main recipe)
+    assert sorted(p.name for p in (tmp_path / "out" / "models").glob("*.pt")) == [
+        "ablate-all_off.pt", "ablate-all_on.pt", "ablate-no_gradients.pt", "ablate-no_twins.pt"]
 
 
 def test_active_condition_compares_with_random_from_one_seed_batch(tmp_path):
