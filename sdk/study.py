@@ -906,30 +906,39 @@ def _write(ctx: _Ctx, result: dict[str, Any]) -> None:
 
 
 def _plot(spec: StudySpec, summary: list[dict[str, Any]], path: Path) -> None:
+    """Metric vs k: one line per trained condition, dashed horizontal lines for zero-label rows."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     main = _main_metric(spec.task)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(9, 4.8))
+    colours = plt.get_cmap("tab20").colors
     conds = [(r["condition"], r["variant"]) for r in summary if r["condition"] != "ablation"]
     conds = list(dict.fromkeys((c, v if c == "active" else "") for c, v in conds))
-    for c, v in conds:
+    all_k: set[int] = set()
+    for n, (c, v) in enumerate(conds):
         rs = sorted([r for r in summary if r["condition"] == c and (c != "active" or r["variant"] == v)],
                     key=lambda r: r["k"])
-        c = f"{c} ({v})" if v else c
-        ks = [r["k"] for r in rs]
+        name = f"{c} ({v})" if v else c
+        colour = colours[n % len(colours)]
         if len(rs) == 1 and c in _ZERO_LABEL + ("scratch_all",):
-            ax.axhline(rs[0][main], ls=":", lw=1.2, label=f"{c} (k={ks[0]})", color=None)
+            k = rs[0]["k"]
+            ax.axhline(rs[0][main], ls=(0, (4, 2)) if c != "scratch_all" else "-.", lw=1.3, color=colour,
+                       label=f"{name} ({'all dev' if k < 0 else f'k={k}'}): {rs[0][main]:.3f}")
             continue
-        ks = [k if k >= 0 else np.nan for k in ks]
-        ax.errorbar(ks, [r[main] for r in rs], yerr=[r[main + "_sd"] for r in rs], marker="o", capsize=3, label=c)
-    ax.set(xlabel="real labelled crops k", ylabel=main, title=f"{spec.name}: {main} vs k")
+        ks = [r["k"] for r in rs if r["k"] >= 0]
+        all_k.update(ks)
+        ax.errorbar(ks, [r[main] for r in rs if r["k"] >= 0], yerr=[r[main + "_sd"] for r in rs if r["k"] >= 0],
+                    marker="o", capsize=3, color=colour, label=name)
+    if all_k:
+        ax.set_xticks(sorted(all_k))
+        ax.set_xlim(min(all_k) - 1, max(all_k) + 1)
+    ax.set(xlabel="real labelled crops k", ylabel=main, title=f"{spec.name}: {main} vs k (mean ± sd over folds)")
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7, ncol=2)
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-
