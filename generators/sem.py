@@ -37,6 +37,19 @@ def _groove_kernel(gid, dist, intensity, sigma, depth, out):
         out[i] = v
 
 
+def _groove_inputs(grain_id, distance, intensity, width_px: float, depth: float):
+    """Checked, flattened (grain ids int32, distances float32) for the groove kernels."""
+    if not 0.0 <= depth <= 1.0:
+        raise ValueError(f"groove depth must be within [0, 1], got {depth}")
+    if width_px < 0:
+        raise ValueError(f"groove width must be >= 0 px, got {width_px}")
+    g = np.ascontiguousarray(grain_id, dtype=np.int32).ravel()
+    d = np.ascontiguousarray(distance, dtype=np.float32).ravel()
+    if g.size and (g.min() < 0 or g.max() >= intensity.shape[0]):
+        raise ValueError("grain ids out of range of the intensity table")
+    return g, d
+
+
 def groove_signal(
     grain_id: np.ndarray, distance: np.ndarray, intensity: np.ndarray, width_px: float, depth: float
 ) -> np.ndarray:
@@ -58,14 +71,7 @@ def groove_signal(
     -------
     ndarray (H, W) float32
     """
-    if not 0.0 <= depth <= 1.0:
-        raise ValueError(f"groove depth must be within [0, 1], got {depth}")
-    if width_px < 0:
-        raise ValueError(f"groove width must be >= 0 px, got {width_px}")
-    g = np.ascontiguousarray(grain_id, dtype=np.int32).ravel()
-    d = np.ascontiguousarray(distance, dtype=np.float32).ravel()
-    if g.size and (g.min() < 0 or g.max() >= intensity.shape[0]):
-        raise ValueError("grain ids out of range of the intensity table")
+    g, d = _groove_inputs(grain_id, distance, intensity, width_px, depth)
     out = np.empty(g.shape[0], dtype=np.float32)
     _groove_kernel(g, d, np.ascontiguousarray(intensity, dtype=np.float64),
                    float(width_px) * FWHM_TO_SIGMA, float(depth), out)
@@ -144,15 +150,8 @@ def shaded_signal(grain_id: np.ndarray, distance: np.ndarray, intensity: np.ndar
     -------
     ndarray (H, W) float32
     """
-    if not 0.0 <= depth <= 1.0:
-        raise ValueError(f"groove depth must be within [0, 1], got {depth}")
-    if width_px < 0:
-        raise ValueError(f"groove width must be >= 0 px, got {width_px}")
     shape = np.shape(grain_id)
-    g = _flat(grain_id, np.int32)
-    d = _flat(distance, np.float32)
-    if g.size and (g.min() < 0 or g.max() >= intensity.shape[0]):
-        raise ValueError("grain ids out of range of the intensity table")
+    g, d = _groove_inputs(grain_id, distance, intensity, width_px, depth)
     n = g.shape[0]
     f32 = np.zeros(1, np.float32)
     i32 = np.zeros(1, np.int32)

@@ -32,6 +32,23 @@ __all__ = ["AnnealingTwins", "TwinSet", "TwinParams", "twin_groove_factor", "FWH
 FWHM_TO_SIGMA = 1.0 / (2.0 * math.sqrt(2.0 * math.log(2.0)))
 
 
+@njit(cache=True, inline="always")
+def _lamella(x, y, g, ox, oy, nx, ny, period, width, offset, lx, ly, periodic):
+    """(inside 0/1, distance to the nearest lamella face) of point (x, y) in grain g, specimen px."""
+    dx = x - ox[g]
+    dy = y - oy[g]
+    if periodic:
+        dx -= lx * round(dx / lx)
+        dy -= ly * round(dy / ly)
+    t = nx[g] * dx + ny[g] * dy - offset[g]
+    s = period[g]
+    r = t - s * math.floor(t / s)
+    w = width[g]
+    if r < w:
+        return 1, min(r, w - r)
+    return 0, min(r - w, s - r)
+
+
 @njit(parallel=True, cache=True)
 def _twin_kernel(xs, ys, gid, twinned, ox, oy, nx, ny, period, width, offset, lx, ly, periodic,
                  cap, inside, dist):
@@ -42,21 +59,7 @@ def _twin_kernel(xs, ys, gid, twinned, ox, oy, nx, ny, period, width, offset, lx
             inside[i] = 0
             dist[i] = cap
             continue
-        dx = xs[i] - ox[g]
-        dy = ys[i] - oy[g]
-        if periodic:
-            dx -= lx * round(dx / lx)
-            dy -= ly * round(dy / ly)
-        t = nx[g] * dx + ny[g] * dy - offset[g]
-        s = period[g]
-        r = t - s * math.floor(t / s)
-        w = width[g]
-        if r < w:
-            inside[i] = 1
-            d = min(r, w - r)
-        else:
-            inside[i] = 0
-            d = min(r - w, s - r)
+        inside[i], d = _lamella(xs[i], ys[i], g, ox, oy, nx, ny, period, width, offset, lx, ly, periodic)
         dist[i] = min(d, cap)
 
 
@@ -74,21 +77,8 @@ def _twin_warped_kernel(xs, ys, gid, twinned, ox, oy, nx, ny, period, width, off
             inside[i] = 0
             dq = np.float32(cap_q)
         else:
-            dx = xs[i] - ox[g]
-            dy = ys[i] - oy[g]
-            if periodic:
-                dx -= lx * round(dx / lx)
-                dy -= ly * round(dy / ly)
-            t = nx[g] * dx + ny[g] * dy - offset[g]
-            s = period[g]
-            r = t - s * math.floor(t / s)
-            w = width[g]
-            if r < w:
-                inside[i] = 1
-                d = min(r, w - r)
-            else:
-                inside[i] = 0
-                d = min(r - w, s - r)
+            inside[i], d = _lamella(xs[i], ys[i], g, ox, oy, nx, ny, period, width, offset, lx, ly,
+                                    periodic)
             dq = np.float32(min(d, cap_q))
         if not dq < cap_q:
             dist[i] = cap
@@ -166,14 +156,7 @@ class TwinSet:
         inside : ndarray uint8 (0/1), shape of ``x``
         distance : ndarray float32, px
         """
-        x = np.asarray(x, dtype=np.float64)
-        y = np.asarray(y, dtype=np.float64)
-        g = np.ascontiguousarray(grain_id, dtype=np.int64).ravel()
-        if x.shape != y.shape or g.size != x.size:
-            raise ValueError("x, y and grain_id must have the same shape")
-        n = self.twinned.shape[0]
-        if g.size and (g.min() < 0 or g.max() >= n):
-            raise ValueError(f"grain ids must lie in [0, {n})")
+        x, y, g = self._points(x, y, grain_id)
         if not max_distance > 0:
             raise ValueError(f"max_distance must be > 0 px, got {max_distance}")
         inside = np.empty(g.size, dtype=np.uint8)
@@ -186,6 +169,18 @@ class TwinSet:
                      np.ascontiguousarray(nv[:, 1]), self.period, self.width, self.offset,
                      float(lx), float(ly), bool(self.periodic), float(max_distance), inside, dist)
         return inside.reshape(x.shape), dist.reshape(x.shape)
+
+    def _points(self, x, y, grain_id) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Checked float64 coordinates and flat int64 grain ids."""
+        x = np.asarray(x, dtype=np.float64)
+        y = np.asarray(y, dtype=np.float64)
+        g = np.ascontiguousarray(grain_id, dtype=np.int64).ravel()
+        if x.shape != y.shape or g.size != x.size:
+            raise ValueError("x, y and grain_id must have the same shape")
+        n = self.twinned.shape[0]
+        if g.size and (g.min() < 0 or g.max() >= n):
+            raise ValueError(f"grain ids must lie in [0, {n})")
+        return x, y, g
 
     def label_warped(self, x: np.ndarray, y: np.ndarray, grain_id: np.ndarray,
                      jacobian: np.ndarray, max_distance_q: float, max_distance: float
@@ -208,14 +203,7 @@ class TwinSet:
         inside : ndarray uint8 (0/1), shape of ``x``
         distance : ndarray float32, image-space px
         """
-        x = np.asarray(x, dtype=np.float64)
-        y = np.asarray(y, dtype=np.float64)
-        g = np.ascontiguousarray(grain_id, dtype=np.int64).ravel()
-        if x.shape != y.shape or g.size != x.size:
-            raise ValueError("x, y and grain_id must have the same shape")
-        n = self.twinned.shape[0]
-        if g.size and (g.min() < 0 or g.max() >= n):
-            raise ValueError(f"grain ids must lie in [0, {n})")
+        x, y, g = self._points(x, y, grain_id)
         if not (max_distance_q > 0 and max_distance > 0):
             raise ValueError(f"max distances must be > 0 px, got {max_distance_q}, "
                              f"{max_distance}")
