@@ -75,19 +75,26 @@ def _correlate_rows(src, fw, radius, out):
 
 @njit(parallel=True, cache=True)
 def _correlate_cols(src, fw, radius, out):
-    """The same along axis 1 (each line padded by reflection into a double buffer)."""
+    """The same along axis 1 (each line padded by reflection into a double buffer); the taps
+    are the outer loop so the inner loop runs along the line (vectorised), with every pixel's
+    sum taken in the same order as before."""
     h, w = src.shape
     for r in prange(h):
         buf = np.empty(w + 2 * radius)
         for c in range(-radius, w + radius):
             buf[c + radius] = np.float64(src[r, _reflect(c, w)])
+        acc = np.empty(w)
         w0 = fw[radius]
         for c in range(w):
-            k = c + radius
-            o = buf[k] * w0
-            for j in range(radius, 0, -1):
-                o += (buf[k - j] + buf[k + j]) * fw[radius - j]
-            out[r, c] = np.float32(o)
+            acc[c] = buf[c + radius] * w0
+        for j in range(radius, 0, -1):
+            wj = fw[radius - j]
+            lo = buf[radius - j:radius - j + w]
+            hi = buf[radius + j:radius + j + w]
+            for c in range(w):
+                acc[c] += (lo[c] + hi[c]) * wj
+        for c in range(w):
+            out[r, c] = np.float32(acc[c])
 
 
 def _gaussian_filter_float32(x: np.ndarray, sigma_px: float, radius: int) -> np.ndarray:
