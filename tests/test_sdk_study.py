@@ -35,6 +35,7 @@ def test_study_file_errors_name_the_problem():
 
 
 @pytest.mark.parametrize("name", ["tbm_grains.yaml", "tbm_grains_ablation.yaml", "tbm_grains_active.yaml",
+                                  "tbm_grains_zero_label.yaml",
                                   "bf_tem_nanoparticles.yaml"])
 def test_shipped_studies_validate(name):
     spec, base = load_study(ROOT / "recipes" / "studies" / name)
