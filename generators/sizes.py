@@ -49,6 +49,15 @@ def lognormal_targets(rng: np.random.Generator, n: int, total_area: float, sigma
     return a * (float(total_area) / a.sum())
 
 
+@njit(cache=True, inline="always")
+def _position(lst_j, cnt, i, j):
+    """Where ``j`` stands in row ``i`` of the neighbour lists, -1 if absent."""
+    for q in range(cnt[i]):
+        if lst_j[i, q] == j:
+            return q
+    return -1
+
+
 @njit(cache=True)
 def _areas_hessian_kernel(v, nb, start, seeds, lx, ly, periodic):
     """Cell areas and the CSC arrays (indptr, indices, data) of the symmetric Hessian."""
@@ -94,12 +103,7 @@ def _areas_hessian_kernel(v, nb, start, seeds, lx, ly, periodic):
     for j in range(n):
         for k in range(cnt[j]):
             i = lst_j[j, k]
-            found = False
-            for q in range(cnt[i]):
-                if lst_j[i, q] == j:
-                    found = True
-                    break
-            if not found:
+            if _position(lst_j, cnt, i, j) < 0:
                 extra[i] += 1
     indptr = np.zeros(n + 1, dtype=np.int64)
     for i in range(n):  # column i: the listed neighbours, the one-sided ones, the diagonal
@@ -110,23 +114,15 @@ def _areas_hessian_kernel(v, nb, start, seeds, lx, ly, periodic):
     for i in range(n):
         for k in range(cnt[i]):
             j = lst_j[i, k]
-            cji = 0.0
-            for q in range(cnt[j]):
-                if lst_j[j, q] == i:
-                    cji = lst_c[j, q]
-                    break
+            q = _position(lst_j, cnt, j, i)
+            cji = lst_c[j, q] if q >= 0 else 0.0
             indices[fill[i]] = j
             data[fill[i]] = -0.5 * (lst_c[i, k] + cji)
             fill[i] += 1
     for j in range(n):  # the one-sided listings
         for k in range(cnt[j]):
             i = lst_j[j, k]
-            found = False
-            for q in range(cnt[i]):
-                if lst_j[i, q] == j:
-                    found = True
-                    break
-            if not found:
+            if _position(lst_j, cnt, i, j) < 0:
                 indices[fill[i]] = j
                 data[fill[i]] = -0.5 * lst_c[j, k]
                 fill[i] += 1

@@ -135,6 +135,21 @@ def _certified(d, wp, ax, ay, n):
     return (d * d + wp) / (2.0 * d) >= rmax
 
 
+@njit(cache=True, inline="always")
+def _start_box(box, i, ax, ay, ae):
+    """Write the box of seed ``i`` (x0, y0, x1, y1, seed-relative) as the 4-gon to clip."""
+    ax[0] = box[i, 0]
+    ay[0] = box[i, 1]
+    ax[1] = box[i, 2]
+    ay[1] = box[i, 1]
+    ax[2] = box[i, 2]
+    ay[2] = box[i, 3]
+    ax[3] = box[i, 0]
+    ay[3] = box[i, 3]
+    for e in range(4):
+        ae[e] = -1
+
+
 @njit(parallel=True, cache=True)
 def _cells_kernel(px, py, pw, todo, cx, cy, cw, cid, cd, dbound, box, cap, vx, vy, ve, nv, ok):
     """Power cells of seeds ``todo[t]`` (candidate rows ``t``, sorted by distance): clip the box
@@ -149,16 +164,7 @@ def _cells_kernel(px, py, pw, todo, cx, cy, cw, cid, cd, dbound, box, cap, vx, v
         by = np.empty(cap)
         be = np.empty(cap, dtype=np.int32)
         # polygon in coordinates relative to the seed
-        ax[0] = box[i, 0]
-        ay[0] = box[i, 1]
-        ax[1] = box[i, 2]
-        ay[1] = box[i, 1]
-        ax[2] = box[i, 2]
-        ay[2] = box[i, 3]
-        ax[3] = box[i, 0]
-        ay[3] = box[i, 3]
-        for e in range(4):
-            ae[e] = -1
+        _start_box(box, i, ax, ay, ae)
         n = 4
         done = False
         for k in range(k_all):
@@ -227,16 +233,7 @@ def _cells_ring_kernel(px, py, pw, gx, gy, gw, gid, gstart, nx, ny, hx, hy, lx, 
         bx = np.empty(cap)
         by = np.empty(cap)
         be = np.empty(cap, dtype=np.int32)
-        ax[0] = box[i, 0]
-        ay[0] = box[i, 1]
-        ax[1] = box[i, 2]
-        ay[1] = box[i, 1]
-        ax[2] = box[i, 2]
-        ay[2] = box[i, 3]
-        ax[3] = box[i, 0]
-        ay[3] = box[i, 3]
-        for e in range(4):
-            ae[e] = -1
+        _start_box(box, i, ax, ay, ae)
         m = 4
         cx = min(max(int(math.floor(px[i] / hx)), 0), nx - 1)
         cy = min(max(int(math.floor(py[i] / hy)), 0), ny - 1)
