@@ -103,6 +103,8 @@ class ModelSpec(_Strict):
     batch_size: int = Field(8, ge=1, le=256)
     steps_per_epoch: int = Field(20, ge=1)
     lr: float = Field(2e-3, gt=0)
+    tta: bool = Field(False, description="predict every real image as the mean over the 8 dihedral "
+                                         "transforms (sdk.trainer.predict_tiled)")
 
 
 class BudgetSpec(_Strict):
@@ -451,22 +453,25 @@ def _fit(ctx: _Ctx, model, data, *, minutes: float, seed: int, lr: float | None 
     return model
 
 
-def _predict(model, x: np.ndarray) -> np.ndarray:
+def _probability(model, x: np.ndarray, tta: bool = False) -> np.ndarray:
+    """Class-1 softmax probability (H, W) of one image (``tta``: mean over the 8 dihedral transforms)."""
     import torch
 
-    model.eval()
+    from sdk.trainer import predict_tiled
+
     with torch.no_grad():
-        logits = model(torch.from_numpy(x[None]))
-    return logits.argmax(1)[0].numpy().astype(bool)
+        return predict_tiled(model, x, tile=max(x.shape[-2:]), overlap=0, device="cpu", amp="off", tta=tta)[1]
 
 
-def _probability(model, x: np.ndarray) -> np.ndarray:
-    """Class-1 softmax probability (H, W) of one image."""
-    import torch
+def _predict(model, x: np.ndarray, tta: bool = False) -> np.ndarray:
+    """Class map (H, W) bool of one image: the class with the larger probability (argmax)."""
+    if not tta:
+        import torch
 
-    model.eval()
-    with torch.no_grad():
-        return torch.softmax(model(torch.from_numpy(x[None])), 1)[0, 1].numpy()
+        model.eval()
+        with torch.no_grad():
+            return model(torch.from_numpy(x[None])).argmax(1)[0].numpy().astype(bool)
+    return _probability(model, x, tta) > 0.5
 
 
 #: decision thresholds tried by ``synthetic_threshold``
@@ -479,11 +484,11 @@ def _run_threshold(ctx: _Ctx, fold: int, dev: np.ndarray, test: np.ndarray, mode
     task, tol = ctx.spec.task, ctx.spec.tolerance
     main = _main_metric(task)
     pick = dev if len(dev) <= 24 else np.random.default_rng(ctx.spec.seed).choice(dev, 24, replace=False)
-    probs = {int(i): _probability(model, ctx.real.x[i]) for i in pick}
+    probs = {int(i): _probability(model, ctx.real.x[i], ctx.spec.model.tta) for i in pick}
     scores = [np.nanmean([score(probs[int(i)] > th, ctx.real.y[i], task, tol)[main] for i in pick])
               for th in THRESHOLDS]
     best = THRESHOLDS[int(np.nanargmax(scores))]
-    preds = [_probability(model, ctx.real.x[i]) > best for i in test]
+    preds = [_probability(model, ctx.real.x[i], ctx.spec.model.tta) > best for i in test]
     _record(ctx, "synthetic_threshold", 0, fold, test, preds, time.monotonic() - t, variant=f"threshold={best:g}")
 
 
@@ -645,7 +650,7 @@ def _run_models(ctx: _Ctx, fold: int, dev: np.ndarray, test: np.ndarray, k: int,
             model = _ADAPT_CONDITIONS[cond](ctx, base, xs, ys, dev, seed)
         else:  # pragma: no cover - guarded by the schema
             raise StudyError(f"unknown condition {cond}")
-        preds = [_predict(model, real.x[i]) for i in test]
+        preds = [_predict(model, real.x[i], spec.model.tta) for i in test]
         _record(ctx, cond, kk if cond != "scratch_all" else -1, fold, test, preds, time.monotonic() - t,
                 n_train=kk)
 
@@ -746,14 +751,14 @@ def run_study(spec: StudySpec, base_dir: str | os.PathLike, out: str | os.PathLi
                     _run_grid(ctx, fold, dev, test)
                 elif cond == "synthetic_only":
                     t = time.monotonic()
-                    _record(ctx, cond, 0, fold, test, [_predict(base_model, real.x[i]) for i in test],
+                    _record(ctx, cond, 0, fold, test, [_predict(base_model, real.x[i], spec.model.tta) for i in test],
                             time.monotonic() - t)
                 elif cond == "synthetic_threshold":
                     _run_threshold(ctx, fold, dev, test, base_model)
                 elif cond == "synthetic_adabn":
                     t = time.monotonic()
                     m = _adabn_copy(ctx, base_model, dev)
-                    _record(ctx, cond, 0, fold, test, [_predict(m, real.x[i]) for i in test], time.monotonic() - t)
+                    _record(ctx, cond, 0, fold, test, [_predict(m, real.x[i], spec.model.tta) for i in test], time.monotonic() - t)
             if "scratch_all" in spec.conditions:
                 _run_models(ctx, fold, dev, test, -1, ["scratch_all"], base_model)
             model_conds = [c for c in spec.conditions
@@ -795,7 +800,7 @@ def _run_active(ctx: _Ctx, folds: list[tuple[np.ndarray, np.ndarray]], base) -> 
                              frozen=False, copy_base=False)
 
         def metric(model, data):
-            rows = [score(_predict(model, x), y, spec.task, spec.tolerance) for x, y in data]
+            rows = [score(_predict(model, x, spec.model.tta), y, spec.task, spec.tolerance) for x, y in data]
             return _mean_rows(rows)[main]
 
         t = time.monotonic()
@@ -837,7 +842,7 @@ def _run_ablation(ctx: _Ctx, folds: list[tuple[np.ndarray, np.ndarray]]) -> None
         model = _pretrain(ctx, adir / v["dataset"], "ablate-" + v["name"], minutes)
         for fold, (dev, test) in enumerate(folds):
             t = time.monotonic()
-            _record(ctx, "ablation", 0, fold, test, [_predict(model, ctx.real.x[i]) for i in test],
+            _record(ctx, "ablation", 0, fold, test, [_predict(model, ctx.real.x[i], ctx.spec.model.tta) for i in test],
                     time.monotonic() - t, variant=v["name"])
             if k > 0 and not ctx.over_budget():
                 seed = spec.seed * 1000 + fold * 100 + (k if k >= 0 else 99)
@@ -846,7 +851,7 @@ def _run_ablation(ctx: _Ctx, folds: list[tuple[np.ndarray, np.ndarray]]) -> None
                 m = _finetune(ctx, model, _ArrayData([ctx.real.x[i] for i in idx], [ctx.real.y[i] for i in idx],
                                                      spec.model.crop, _augment("light", False), seed), seed,
                               frozen=False)
-                _record(ctx, "ablation", len(idx), fold, test, [_predict(m, ctx.real.x[i]) for i in test],
+                _record(ctx, "ablation", len(idx), fold, test, [_predict(m, ctx.real.x[i], ctx.spec.model.tta) for i in test],
                         time.monotonic() - t, variant=v["name"])
 
 

@@ -748,12 +748,17 @@ def _starts(n: int, tile: int, step: int) -> list[int]:
 
 @torch.no_grad()
 def predict_tiled(model: nn.Module, image: torch.Tensor | np.ndarray, tile: int = 512, overlap: int = 64,
-                  device: torch.device | str = "cpu", amp: str = "auto", batch_size: int = 4) -> np.ndarray:
+                  device: torch.device | str = "cpu", amp: str = "auto", batch_size: int = 4,
+                  tta: bool = False) -> np.ndarray:
     """Class probabilities of a segmentation model on an image of any size.
 
     Images no larger than ``tile`` go through in one piece. Larger ones are cut into
     ``tile``-sized tiles overlapping by ``overlap`` px; the softmax outputs are blended with a
-    raised-cosine window, so seams do not show.
+    raised-cosine window, so seams do not show. With ``tta`` the probabilities are the mean over
+    the 8 elements of the dihedral group D4 (identity, 90° rotations and their mirror images):
+    each transformed image is predicted and the output transformed back (8× the cost). A
+    micrograph has no preferred orientation, so this averages out the orientation biases of a
+    model without changing what it was trained to predict.
 
     Parameters
     ----------
@@ -764,6 +769,8 @@ def predict_tiled(model: nn.Module, image: torch.Tensor | np.ndarray, tile: int 
     device, amp : see :class:`TrainConfig`
     batch_size : int
         Tiles per forward pass.
+    tta : bool
+        Average over the 8 dihedral transforms (test-time augmentation).
 
     Returns
     -------
@@ -772,6 +779,21 @@ def predict_tiled(model: nn.Module, image: torch.Tensor | np.ndarray, tile: int 
     """
     if overlap < 0 or overlap * 2 >= tile:
         raise TrainError(f"overlap must be in [0, tile/2), got overlap={overlap}, tile={tile}")
+    if tta:
+        img = np.asarray(image.cpu() if isinstance(image, torch.Tensor) else image, dtype=np.float32)
+        if img.ndim != 3:
+            raise TrainError(f"predict_tiled expects a (C, H, W) image, got shape {img.shape}")
+        total: np.ndarray | None = None
+        for k in range(4):
+            for mirror in (False, True):
+                t = np.rot90(img, k, axes=(1, 2))
+                t = t[:, :, ::-1] if mirror else t
+                p = predict_tiled(model, np.ascontiguousarray(t), tile, overlap, device, amp, batch_size)
+                p = p[:, :, ::-1] if mirror else p
+                p = np.rot90(p, -k, axes=(1, 2))
+                total = p.copy() if total is None else total + p
+        assert total is not None
+        return np.ascontiguousarray(total / 8.0, dtype=np.float32)
     device = torch.device(device)
     x = torch.as_tensor(np.asarray(image, dtype=np.float32))
     if x.dim() != 3:

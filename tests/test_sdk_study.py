@@ -212,3 +212,22 @@ def test_synthetic_threshold_tunes_the_cut_on_dev_labels_only(tmp_path):
     ctx.real.y[4] = ~ctx.real.y[4]
     study._run_threshold(ctx, 0, dev, test, Fat())
     assert ctx.rows[-1]["variant"] == row["variant"]
+
+
+def test_study_tta_predicts_the_dihedral_mean():
+    import torch
+
+    from sdk import study
+    from sdk.trainer import predict_tiled
+
+    spec = parse_study(BASE + "conditions: [scratch]\nmodel: {tta: true}\n")
+    assert spec.model.tta and not parse_study(BASE + "conditions: [scratch]\n").model.tta
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 2, 3, padding=1)
+    x = np.random.default_rng(0).normal(size=(3, 24, 32)).astype(np.float32)
+    pred = study._predict(conv, x, tta=True)
+    np.testing.assert_array_equal(pred, predict_tiled(conv, x, tta=True)[1] > 0.5)
+    rot = np.ascontiguousarray(np.rot90(x, 1, axes=(1, 2)))
+    np.testing.assert_array_equal(study._predict(conv, rot, tta=True), np.rot90(pred, 1))
+    # without TTA the asymmetric kernel's prediction is not rotation-invariant
+    assert (study._predict(conv, rot) != np.rot90(study._predict(conv, x), 1)).any()

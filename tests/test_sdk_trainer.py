@@ -180,6 +180,27 @@ def test_tiled_prediction_matches_whole_image():
         predict_tiled(net, img, tile=64, overlap=32)
 
 
+def test_dihedral_tta_is_invariant_to_rotating_and_mirroring_the_input():
+    # a conv with an asymmetric 3x3 kernel is not rotation-equivariant: its plain prediction of a
+    # rotated image differs from the rotated prediction; the D4 average does not
+    torch.manual_seed(0)
+    conv = nn.Conv2d(1, 2, 3, padding=1)
+    img = np.random.default_rng(1).normal(size=(1, 40, 56)).astype(np.float32)
+    rot = np.ascontiguousarray(np.rot90(img, 1, axes=(1, 2)))
+    mirror = np.ascontiguousarray(img[:, :, ::-1])
+    plain, plain_rot = predict_tiled(conv, img), predict_tiled(conv, rot)
+    assert np.abs(np.rot90(plain, 1, axes=(1, 2)) - plain_rot).max() > 1e-2
+    tta = predict_tiled(conv, img, tta=True)
+    assert tta.shape == (2, 40, 56) and tta.dtype == np.float32
+    np.testing.assert_allclose(tta.sum(0), 1.0, atol=1e-5)
+    np.testing.assert_allclose(np.rot90(tta, 1, axes=(1, 2)), predict_tiled(conv, rot, tta=True), atol=1e-5)
+    np.testing.assert_allclose(tta[:, :, ::-1], predict_tiled(conv, mirror, tta=True), atol=1e-5)
+    # tiles and TTA combine: the pointwise model is D4-equivariant, so TTA changes nothing
+    point = nn.Conv2d(1, 2, 1)
+    np.testing.assert_allclose(predict_tiled(point, img, tile=32, overlap=8, tta=True),
+                               predict_tiled(point, img), atol=1e-5)
+
+
 def test_plot_falls_back_to_pillow_without_matplotlib(tmp_path, monkeypatch):
     rows = [{"epoch": e, "train_loss": 1 / e, "val_loss": 1.2 / e, "val_boundary_f1": 0.1 * e} for e in (1, 2, 3)]
     monkeypatch.setitem(sys.modules, "matplotlib", None)
