@@ -681,7 +681,8 @@ class FDATransform(A.ImageOnlyTransform):
         See :func:`fda`.
     scale : {"percentile", "none"}
         ``"percentile"`` maps each target's 0.5–99.5 percentiles to [0, 1] (the working scale
-        :mod:`sdk.data` hands transforms); ``"none"`` keeps its values.
+        :mod:`sdk.data` hands transforms) and clips the output to [0, 1], so transforms after it
+        (gamma, shot noise) see valid intensities; ``"none"`` keeps the values unclipped.
     seed : int, optional
     p : float
         Probability of applying.
@@ -732,6 +733,8 @@ class FDATransform(A.ImageOnlyTransform):
         trg = self._target_like(img, index, u, v)
         src = img.astype(np.float32) / 255.0 if img.dtype == np.uint8 else img
         out = fda(src, trg.astype(np.float32), beta, channel_axis=-1 if img.ndim == 3 else None)
+        if self.scale == "percentile":  # the working scale is [0, 1]: later transforms rely on it
+            out = np.clip(out, 0.0, 1.0)
         if img.dtype == np.uint8:
             return np.clip(np.rint(out * 255.0), 0, 255).astype(np.uint8)
         return out.astype(img.dtype, copy=False)

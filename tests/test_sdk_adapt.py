@@ -262,7 +262,19 @@ def test_fda_transform_is_seeded_and_uses_target_styles():
     # identical to fda with the drawn target crop
     p = t1.get_params()
     trg = t1._target_like(img, p["index"], p["u"], p["v"])
-    np.testing.assert_allclose(t1.apply(img, **p), fda(img, trg, 0.05), atol=1e-6)
+    np.testing.assert_allclose(t1.apply(img, **p), np.clip(fda(img, trg, 0.05), 0, 1), atol=1e-6)
+    # the output stays on the [0, 1] working scale although the raw FDA result leaves it
+    binary = (np.indices((32, 32)).sum(0) % 2).astype(np.float32)  # 0/1 checkerboard, mean 0.5
+    bright = [np.full((32, 32), 0.9) + 0.01 * rng.random((32, 32)), np.zeros((32, 32))]
+    raw = fda(binary, bright[0].astype(np.float32), 0.05)
+    assert raw.max() > 1.2                                  # the mean moves to 0.9: values reach 1.4
+    unclipped = FDATransform(bright, beta=0.05, scale="none", seed=0)
+    unclipped.targets_ = [bright[0].astype(np.float32)]
+    assert unclipped(image=binary)["image"].max() > 1.2       # "none": values as FDA gives them
+    kept = FDATransform(bright, beta=0.05, seed=0)
+    kept.targets_ = [bright[0].astype(np.float32)]
+    out01 = kept(image=binary)["image"]
+    assert out01.min() >= 0.0 and out01.max() == 1.0        # percentile: clipped to the working scale
     rgb = FDATransform(targets, beta=0.05, seed=0)(image=np.stack([img] * 3, -1))["image"]
     assert rgb.shape == (32, 32, 3)
     np.testing.assert_array_equal(FDATransform(targets, beta=0.0, seed=0)(image=img)["image"], img)
