@@ -145,6 +145,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--overlap", type=int, default=64, help="tile overlap in px (default 64)")
     p.add_argument("--device", default="auto")
     p.add_argument("--amp", choices=("auto", "on", "off"), default="auto")
+    p.add_argument("--tta", action="store_true",
+                   help="test-time augmentation: mean probability over the 8 flips/quarter turns (8x slower)")
     p.set_defaults(func=_cmd_predict)
 
     s = subparsers.add_parser("study", help="sim-to-real study: conditions x label counts, grouped CV on real data",
@@ -766,7 +768,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     (out / "masks").mkdir(parents=True, exist_ok=True)
     for f in files:
         img = load_image(f, channels, dmeta.get("normalize", "percentile"))
-        probs = predict_tiled(model, img, tile=args.tile, overlap=args.overlap, device=device, amp=args.amp)
+        probs = predict_tiled(model, img, tile=args.tile, overlap=args.overlap, device=device, amp=args.amp,
+                              tta=args.tta)
         p = probs[fg] if probs.shape[0] > 1 else probs[0]
         Image.fromarray((np.clip(p, 0, 1) * 255 + 0.5).astype(np.uint8)).save(out / "probs" / f"{f.stem}.png")
         Image.fromarray(((p >= args.threshold) * 255).astype(np.uint8)).save(out / "masks" / f"{f.stem}.png")

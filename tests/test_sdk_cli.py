@@ -126,6 +126,15 @@ def test_finetune_evaluate_predict(work, capsys):
     assert prob.shape == mask.shape == (150, 230) and set(np.unique(mask)) <= {0, 255}
     assert np.array_equal(mask == 255, prob >= 128)
     assert len(list((pred / "masks").glob("*.png"))) == 9
+    # --tta: the 8-fold mean; a mirrored input gives the mirrored probability map
+    Image.fromarray(np.ascontiguousarray(rgb[:, ::-1])).save(big / "mirrored.png")
+    tta = work["tmp"] / "pred_tta"
+    assert main(["predict", str(tuned), str(big / "large.png"), str(big / "mirrored.png"), "-o", str(tta),
+                 "--tile", "64", "--overlap", "16", "--tta"]) == 0
+    p1 = np.asarray(Image.open(tta / "probs" / "large.png")).astype(int)
+    p2 = np.asarray(Image.open(tta / "probs" / "mirrored.png")).astype(int)
+    assert np.abs(p1 - p2[:, ::-1]).max() <= 1          # 8-bit rounding
+    (big / "mirrored.png").unlink()
     # two inputs with one name would overwrite each other: refused
     (big / "sub").mkdir()
     Image.fromarray(rgb).save(big / "sub" / "large.png")
