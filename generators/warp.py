@@ -466,12 +466,15 @@ def _normals_kernel(q, idx, seeds, w, lx, ly, periodic, out):
 
 @njit(parallel=True, cache=True)
 def _image_distance_kernel(qx, qy, owner, dist_q, jac, cap_q, cap, seeds, w, nstart, nbr,
-                           pex, pey, pnx, pny, pc, lx, ly, periodic, out):
+                           pex, pey, pnx, pny, pc, lim, lx, ly, periodic, out):
     """``d_p = d_q / |Jᵀ n|``; ``n``: normal of the nearest radical line among the owner's
     neighbours.  Per neighbour pair (minimum-image seed difference ``e``) the radical line is at
     ``c − n·r`` from the point (``r``: the point relative to the owner's seed); where ``e − r`` is
     not the minimum image of the neighbour (grains of about half the specimen) the distance is
-    computed from the images nearest to the point, as in :meth:`CellNeighbours.normals`."""
+    computed from the images nearest to the point, as in :meth:`CellNeighbours.normals`.
+    ``lim[o]``: ``|r| <`` it (per axis) proves ``e − r`` the minimum image for every pair of
+    ``o`` (the usual case: one test per point, then a loop without per-pair tests; coincident
+    seeds have ``c = inf`` and never win it either)."""
     m = qx.shape[0]
     hx = 0.5 * lx
     hy = 0.5 * ly
@@ -491,6 +494,16 @@ def _image_distance_kernel(qx, qy, owner, dist_q, jac, cap_q, cap, seeds, w, nst
         bd = np.inf
         nxv = 1.0
         nyv = 0.0
+        if not periodic or (abs(rx) < lim[o, 0] and abs(ry) < lim[o, 1]):
+            for t in range(nstart[o], nstart[o + 1]):
+                dd = pc[t] - (pnx[t] * rx + pny[t] * ry)
+                if dd < bd:
+                    bd = dd
+                    nxv = pnx[t]
+                    nyv = pny[t]
+            s = math.hypot(jac[i, 0] * nxv + jac[i, 2] * nyv, jac[i, 1] * nxv + jac[i, 3] * nyv)
+            out[i] = np.float32(min(d / max(s, 1e-12), cap))
+            continue
         for t in range(nstart[o], nstart[o + 1]):
             if pc[t] == np.inf:
                 continue  # coincident seeds: no radical line
@@ -549,9 +562,16 @@ def _pair_lines(cells: CellNeighbours):
     safe = np.where(ok, sep, 1.0)
     c = np.where(ok, ((e[:, 0] ** 2 + e[:, 1] ** 2) - cells.weights[j] + cells.weights[o])
                  / (2.0 * safe), np.inf)
+    # per owner: |r| below L/2 − max |e| (a hair less) keeps every |e − r| below L/2
+    n = cells.start.shape[0] - 1
+    lim = np.empty((n, 2))
+    for a, half in ((0, 0.5 * cells.extent[0]), (1, 0.5 * cells.extent[1])):
+        emax = np.zeros(n)
+        np.maximum.at(emax, o, np.abs(e[:, a]))
+        lim[:, a] = (half - emax) - 1e-9 * half
     return (np.ascontiguousarray(e[:, 0]), np.ascontiguousarray(e[:, 1]),
             np.ascontiguousarray(e[:, 0] / safe), np.ascontiguousarray(e[:, 1] / safe),
-            np.ascontiguousarray(c))
+            np.ascontiguousarray(c), lim)
 
 
 def image_space_distance(cells: CellNeighbours, qx: np.ndarray, qy: np.ndarray,
@@ -578,7 +598,10 @@ def image_space_distance(cells: CellNeighbours, qx: np.ndarray, qy: np.ndarray,
     shape = np.shape(qx)
     qx = np.ascontiguousarray(np.asarray(qx, dtype=np.float64).ravel())
     qy = np.ascontiguousarray(np.asarray(qy, dtype=np.float64).ravel())
-    ow = np.ascontiguousarray(np.asarray(owner, dtype=np.int64).ravel())
+    ow = np.asarray(owner).ravel()
+    if ow.dtype not in (np.int32, np.int64):  # (label ids are int32: no copy)
+        ow = ow.astype(np.int64)
+    ow = np.ascontiguousarray(ow)
     dq = np.ascontiguousarray(np.asarray(dist_q).ravel())
     jac = np.ascontiguousarray(np.asarray(jacobian, dtype=np.float64).reshape(-1, 4))
     out = np.empty(qx.shape[0], dtype=np.float32)
