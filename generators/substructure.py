@@ -714,7 +714,8 @@ class SubgrainStructure:
 
 def build_subgrains(tess: Tessellation, sub_seeds: np.ndarray, delta: np.ndarray | None = None,
                     polygons: CellPolygons | None = None, params: dict | None = None,
-                    label_cap: float = np.inf) -> SubgrainStructure:
+                    label_cap: float = np.inf, parent: np.ndarray | None = None
+                    ) -> SubgrainStructure:
     """Sub-grain structure from given sub-seed positions (the deterministic half of sampling).
 
     Parameters
@@ -732,6 +733,8 @@ def build_subgrains(tess: Tessellation, sub_seeds: np.ndarray, delta: np.ndarray
     label_cap : float
         ``max_distance`` of the ``tess.label`` call that finds the parents (px; the ids do not
         depend on it): pass the cap the frames are labelled with to share its cached tile lists.
+    parent : ndarray (m,) int, optional
+        The grains of the sub-seeds if already known (``tess.label``'s ids; then no call).
 
     Returns
     -------
@@ -748,8 +751,13 @@ def build_subgrains(tess: Tessellation, sub_seeds: np.ndarray, delta: np.ndarray
         raise ValueError(f"delta must have shape ({m},), got {dl.shape}")
     cells = cell_polygons(tess) if polygons is None else polygons
     n = tess.n_seeds
-    parent = (tess.label(sub[:, 0], sub[:, 1], max_distance=label_cap)[0].astype(np.int32)
-              if m else np.zeros(0, np.int32))
+    if parent is not None:
+        parent = np.asarray(parent, dtype=np.int32).reshape(-1)
+        if parent.shape != (m,):
+            raise ValueError(f"parent must have shape ({m},), got {parent.shape}")
+    else:
+        parent = (tess.label(sub[:, 0], sub[:, 1], max_distance=label_cap)[0].astype(np.int32)
+                  if m else np.zeros(0, np.int32))
     order = np.argsort(parent, kind="stable")
     sub, parent, dl = sub[order], parent[order], dl[order]
     fx, fy = cells.to_frame(parent, sub[:, 0], sub[:, 1])
@@ -879,10 +887,12 @@ class Subgrains:
         _check_range("subgrains.groove_depth", self.groove_depth, 0.0, 1.0)
 
     def sample_specimen(self, rng: np.random.Generator, tess: Tessellation,
-                        polygons: CellPolygons | None = None, label_cap: float = np.inf
-                        ) -> SubgrainStructure:
+                        polygons: CellPolygons | None = None, label_cap: float = np.inf,
+                        grain_of=None) -> SubgrainStructure:
         """Draw the sub-grains of a specimen (sub-seeds, subdivided grains, intensity deltas);
-        ``label_cap``: see :func:`build_subgrains` (results do not depend on it)."""
+        ``label_cap``: see :func:`build_subgrains` (results do not depend on it);
+        ``grain_of``: optional ``(x, y) → grain ids`` giving ``tess.label``'s ids (used instead
+        of it, e.g. without its tile lists)."""
         n = tess.n_seeds
         lx, ly = tess.extent
         per_grain = float(rng.uniform(*self.subgrains_per_grain))
@@ -891,13 +901,17 @@ class Subgrains:
         sub = rng.random((m, 2)) * np.array([lx, ly])
         divided = rng.random(n) < self.grain_fraction
         delta = rng.uniform(-amp, amp, m)
-        parent = (tess.label(sub[:, 0], sub[:, 1], max_distance=label_cap)[0] if m
-                  else np.zeros(0, np.int32))
+        if not m:
+            parent = np.zeros(0, np.int32)
+        elif grain_of is not None:
+            parent = np.asarray(grain_of(sub[:, 0], sub[:, 1]), dtype=np.int32)
+        else:
+            parent = tess.label(sub[:, 0], sub[:, 1], max_distance=label_cap)[0]
         keep = divided[parent]
         params = {"subgrains_per_grain": per_grain, "intensity_delta": amp,
                   "n_subgrain_seeds": int(keep.sum()), "n_divided_grains": int(divided.sum())}
         return build_subgrains(tess, sub[keep], delta[keep], polygons=polygons, params=params,
-                               label_cap=label_cap)
+                               label_cap=label_cap, parent=parent[keep])
 
     def sample(self, rng: np.random.Generator) -> SubgrainParams:
         """Per-frame groove draws."""
