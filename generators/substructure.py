@@ -50,6 +50,7 @@ import numpy as np
 from numba import njit, prange
 from scipy.spatial import cKDTree
 
+from generators._periodic import nearest_period
 from generators.voronoi import Tessellation
 
 __all__ = [
@@ -575,8 +576,8 @@ def _sub_label_kernel(xs, ys, gid, ox, oy, lx, ly, periodic, gstart, sx, sy, who
             if periodic:  # minimum image relative to the grain's seed: the frame of its polygon
                 dx = x - ox[g]
                 dy = y - oy[g]
-                x = ox[g] + dx - lx * math.floor(dx / lx + 0.5)
-                y = oy[g] + dy - ly * math.floor(dy / ly + 0.5)
+                x = ox[g] + dx - lx * nearest_period(dx, lx)
+                y = oy[g] + dy - ly * nearest_period(dy, ly)
             a = gstart[g]
             b = gstart[g + 1]
             if b == a:

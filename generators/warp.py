@@ -47,6 +47,7 @@ import numpy as np
 from numba import njit, prange
 from scipy.spatial import cKDTree
 
+from generators._periodic import min_image
 from generators.voronoi import _label_one, _wrap
 
 __all__ = ["CoordinateMap", "Warp", "CellNeighbours", "stretch_matrix", "radical_normals",
@@ -506,8 +507,8 @@ def _image_distance_kernel(qx, qy, owner, dist_q, jac, cap_q, cap, seeds, w, nst
         rx = x - seeds[o, 0]
         ry = y - seeds[o, 1]
         if periodic:
-            rx -= lx * round(rx / lx)
-            ry -= ly * round(ry / ly)
+            rx = min_image(rx, lx)
+            ry = min_image(ry, ly)
         bd = np.inf
         nxv = 1.0
         nyv = 0.0
@@ -827,8 +828,8 @@ def _warped_label_kernel(xs, ys, jac, seeds, wn, w, nstart, nbr, kimg, sx, sy, s
             o = g
             rx = x - seeds[o, 0]
             ry = y - seeds[o, 1]
-            rx -= lx * round(rx / lx)
-            ry -= ly * round(ry / ly)
+            rx = min_image(rx, lx)
+            ry = min_image(ry, ly)
             bn = np.inf
             nxv = 1.0
             nyv = 0.0
@@ -872,17 +873,15 @@ def _warped_label_kernel(xs, ys, jac, seeds, wn, w, nstart, nbr, kimg, sx, sy, s
 @njit(parallel=True, cache=True)
 def _walk_gid_kernel(xs, ys, seeds, wn, nstart, nbr, kimg, sx, sy, sw, sid, start, nx, ny, hx,
                      hy, lx, ly, out_gid):
-    """Grain of every point by :func:`_walk` (chunks of consecutive points, as
-    :func:`_warped_label_kernel`)."""
+    """Grain of every point by :func:`_walk`, each from a seed of its own bucket (points in
+    any order, e.g. scattered sub-seeds)."""
     n = xs.shape[0]
     nchunk = (n + _LABEL_CHUNK - 1) // _LABEL_CHUNK
     for b in prange(nchunk):
-        g = -1
         for i in range(b * _LABEL_CHUNK, min(n, (b + 1) * _LABEL_CHUNK)):
             xw = _wrap(xs[i], lx)
             yw = _wrap(ys[i], ly)
-            if g < 0:
-                g = _start_seed(xw, yw, sid, start, nx, ny, hx, hy, nstart)
+            g = _start_seed(xw, yw, sid, start, nx, ny, hx, hy, nstart)  # scattered points
             g, _ = _walk(xs[i], ys[i], xw, yw, g, seeds, wn, nstart, nbr, kimg, sx, sy, sw, sid,
                          start, nx, ny, hx, hy, lx, ly, 1.0)
             out_gid[i] = g
