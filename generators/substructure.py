@@ -381,9 +381,9 @@ def _ring_cells(seeds: np.ndarray, w: np.ndarray, extent: tuple[float, float], p
         mrg = max(lx, ly)
         box = np.ascontiguousarray(np.c_[-mrg - seeds[:, 0], -mrg - seeds[:, 1],
                                          lx + mrg - seeds[:, 0], ly + mrg - seeds[:, 1]])
-    vx = np.zeros((n, cap))
-    vy = np.zeros((n, cap))
-    ve = np.zeros((n, cap), dtype=np.int32)
+    vx = np.empty((n, cap))  # rows written up to nv for the certified cells only
+    vy = np.empty((n, cap))
+    ve = np.empty((n, cap), dtype=np.int32)
     nv = np.zeros(n, dtype=np.int64)
     ok = np.zeros(n, dtype=np.bool_)
     _cells_ring_kernel(np.ascontiguousarray(seeds[:, 0]), np.ascontiguousarray(seeds[:, 1]),
@@ -392,11 +392,24 @@ def _ring_cells(seeds: np.ndarray, w: np.ndarray, extent: tuple[float, float], p
                        np.ascontiguousarray(w[order], dtype=np.float64), order.astype(np.int32),
                        gstart, nx, ny, hx, hy, float(lx), float(ly), bool(periodic), box, cap,
                        vx, vy, ve, nv, ok)
+    if ok.all():  # the usual case: no copies
+        return np.arange(n), nv, vx, vy, ve
     return np.flatnonzero(ok), nv[ok], vx[ok], vy[ok], ve[ok]
 
 
+@njit(cache=True)
+def _pack_rows(start, cells, nvs, vx, vy, ve, verts, edges):
+    """Copy the first ``nvs[r]`` vertices of each row ``r`` to cell ``cells[r]``'s CSR slot."""
+    for r in range(cells.shape[0]):
+        a = start[cells[r]]
+        for v in range(nvs[r]):
+            verts[a + v, 0] = vx[r, v]
+            verts[a + v, 1] = vy[r, v]
+            edges[a + v] = ve[r, v]
+
+
 def _assemble(n, rounds, seeds, extent, periodic) -> CellPolygons:
-    """CSR assembly of the per-pass rows, vectorised (each cell certified in one pass)."""
+    """CSR assembly of the per-pass rows (each cell certified in one pass)."""
     counts = np.zeros(n, dtype=np.int64)
     for cells, nvs, _, _, _ in rounds:
         counts[cells] = nvs
@@ -405,11 +418,8 @@ def _assemble(n, rounds, seeds, extent, periodic) -> CellPolygons:
     verts = np.empty((int(start[-1]), 2))
     edges = np.empty(int(start[-1]), dtype=np.int32)
     for cells, nvs, vx, vy, ve in rounds:
-        used = np.arange(vx.shape[1])[None, :] < nvs[:, None]
-        pos = (start[cells][:, None] + np.arange(vx.shape[1])[None, :])[used]
-        verts[pos, 0] = vx[used]
-        verts[pos, 1] = vy[used]
-        edges[pos] = ve[used]
+        _pack_rows(start, np.ascontiguousarray(cells, dtype=np.int64),
+                   np.ascontiguousarray(nvs, dtype=np.int64), vx, vy, ve, verts, edges)
     return CellPolygons(vertices=verts, edge_neighbour=edges, start=start,
                         origins=seeds.copy(), extent=(float(extent[0]), float(extent[1])),
                         periodic=bool(periodic))
