@@ -748,12 +748,14 @@ def _walk(x, y, xw, yw, g, seeds, wn, nstart, nbr, kimg, sx, sy, sw, sid, start,
         px = seeds[g, 0] + lx * kox
         py = seeds[g, 1] + ly * koy
         bd = cap_q
+        dmin = np.inf
         low = False
         if kox == 0.0 and koy == 0.0:  # the owner at its own position: stored lines
             for t in range(nstart[g], nstart[g + 1]):
                 d = kimg[t, 2] * xw + kimg[t, 3] * yw + kimg[t, 4]
                 if d < bd:
                     bd = d
+                dmin = min(dmin, d)
                 if d < 1e-9:
                     low = True
         else:
@@ -765,6 +767,7 @@ def _walk(x, y, xw, yw, g, seeds, wn, nstart, nbr, kimg, sx, sy, sw, sid, start,
                 d = ax * xw + ay * yw + c
                 if d < bd:
                     bd = d
+                dmin = min(dmin, d)
                 if d < 1e-9:
                     low = True
         if not low or steps < 0:
@@ -784,7 +787,10 @@ def _walk(x, y, xw, yw, g, seeds, wn, nstart, nbr, kimg, sx, sy, sw, sid, start,
                 best = p
                 jb = j
         if jb < 0:
-            break
+            if dmin < -1e-6:  # clearly outside, yet no neighbour nearer: the ring search
+                steps = _WALK_STEPS + 1
+                continue
+            break  # a tie within rounding of the boundary
         g = jb
         steps += 1
     return g, bd
