@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from numba import njit, prange
 
+from generators._periodic import min_image, wrap_floor
 from generators.substructure import CellPolygons, cell_polygons
 from generators.voronoi import Tessellation
 
@@ -352,8 +353,8 @@ def _particle_kernel(xs, ys, cx, cy, ca, cb, cco, csi, start, items, nx, ny, hx,
         x = xs[i]
         y = ys[i]
         if periodic:
-            x = x - lx * math.floor(x / lx)
-            y = y - ly * math.floor(y / ly)
+            x = wrap_floor(x, lx)
+            y = wrap_floor(y, ly)
         jx = min(max(int(math.floor(x / hx)), 0), nx - 1)
         jy = min(max(int(math.floor(y / hy)), 0), ny - 1)
         c = jy * nx + jx
@@ -363,8 +364,8 @@ def _particle_kernel(xs, ys, cx, cy, ca, cb, cco, csi, start, items, nx, ny, hx,
             dx = x - cx[p]
             dy = y - cy[p]
             if periodic:
-                dx -= lx * round(dx / lx)
-                dy -= ly * round(dy / ly)
+                dx = min_image(dx, lx)
+                dy = min_image(dy, ly)
             co = cco[p]
             si = csi[p]
             u = (dx * co + dy * si) / ca[p]

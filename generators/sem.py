@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit, prange
 
+from generators._periodic import min_image
+
 __all__ = ["ChannellingContrast", "ChannellingParams", "groove_signal", "boundary_label",
            "shaded_signal", "FWHM_TO_SIGMA"]
 
@@ -114,8 +116,8 @@ def _shaded_kernel(gid, dist, intensity, sigma, depth, use_twin, tdist, tsigma, 
             dx = xs[i] - gorig[g, 0]
             dy = ys[i] - gorig[g, 1]
             if periodic:
-                dx -= lx * round(dx / lx)
-                dy -= ly * round(dy / ly)
+                dx = min_image(dx, lx)
+                dy = min_image(dy, ly)
             fg = np.float32(max(1.0 + gslope[g, 0] * dx + gslope[g, 1] * dy, 0.0))
             f = f * fg if have else fg
             have = True

@@ -50,6 +50,7 @@ import numpy as np
 from numba import njit, prange
 from scipy.spatial import cKDTree
 
+from generators._periodic import nearest_period
 from generators.voronoi import Tessellation
 
 __all__ = [
@@ -94,60 +95,67 @@ def _coords(x: np.ndarray, y: np.ndarray, grain_id: np.ndarray | None = None):
 # convex polygon clipping
 # --------------------------------------------------------------------------------------------
 @njit(cache=True)
-def _clip(vx, vy, ve, nv, a, b, c, lab, ox, oy, oe):
-    """Clip a convex polygon to ``a x + b y ≤ c``; edge ``i`` runs from vertex i to i+1 with label
-    ``ve[i]``; the new edge along the line gets ``lab``.  Returns the new vertex count."""
+def _clip(qx, qy, qe, r, nv, a, b, c, lab):
+    """Clip the convex polygon in row ``r`` of the two-row buffers ``qx, qy, qe`` to
+    ``a x + b y ≤ c``, writing it into row ``1 − r``; edge ``i`` runs from vertex i to i+1 with
+    label ``qe[r, i]``; the new edge along the line gets ``lab``.  Returns the new vertex count.
+    (Two fixed rows and a row index instead of swapping two arrays: numba reference-counts
+    array variables reassigned in a loop on every iteration, atomically, which cost the ring
+    kernel more than its arithmetic.)"""
+    o = 1 - r
     m = 0
     for i in range(nv):
         j = i + 1 if i + 1 < nv else 0
-        fi = a * vx[i] + b * vy[i] - c
-        fj = a * vx[j] + b * vy[j] - c
+        fi = a * qx[r, i] + b * qy[r, i] - c
+        fj = a * qx[r, j] + b * qy[r, j] - c
         if fi <= 0.0:
-            ox[m] = vx[i]
-            oy[m] = vy[i]
-            oe[m] = ve[i]
+            qx[o, m] = qx[r, i]
+            qy[o, m] = qy[r, i]
+            qe[o, m] = qe[r, i]
             m += 1
             if fj > 0.0:  # leaving: the exit point starts the new edge
                 t = fi / (fi - fj)
-                ox[m] = vx[i] + t * (vx[j] - vx[i])
-                oy[m] = vy[i] + t * (vy[j] - vy[i])
-                oe[m] = lab
+                qx[o, m] = qx[r, i] + t * (qx[r, j] - qx[r, i])
+                qy[o, m] = qy[r, i] + t * (qy[r, j] - qy[r, i])
+                qe[o, m] = lab
                 m += 1
         elif fj <= 0.0:  # entering: the entry point continues edge i
             t = fi / (fi - fj)
-            ox[m] = vx[i] + t * (vx[j] - vx[i])
-            oy[m] = vy[i] + t * (vy[j] - vy[i])
-            oe[m] = ve[i]
+            qx[o, m] = qx[r, i] + t * (qx[r, j] - qx[r, i])
+            qy[o, m] = qy[r, i] + t * (qy[r, j] - qy[r, i])
+            qe[o, m] = qe[r, i]
             m += 1
     return m
 
 
 @njit(cache=True, inline="always")
-def _certified(d, wp, ax, ay, n):
-    """No seed at distance ≥ d (weight ≤ 0) can cut the polygon (vertices relative to the seed)."""
+def _certified(d, wp, qx, qy, r, n):
+    """No seed at distance ≥ d (weight ≤ 0) can cut the polygon (row ``r``, vertices relative
+    to the seed)."""
     if n == 0 or d == np.inf:
         return True
     if not d > 0.0:
         return False
     rmax = 0.0
     for v in range(n):
-        rmax = max(rmax, math.sqrt(ax[v] * ax[v] + ay[v] * ay[v]))
+        rmax = max(rmax, math.sqrt(qx[r, v] * qx[r, v] + qy[r, v] * qy[r, v]))
     return (d * d + wp) / (2.0 * d) >= rmax
 
 
 @njit(cache=True, inline="always")
-def _start_box(box, i, ax, ay, ae):
-    """Write the box of seed ``i`` (x0, y0, x1, y1, seed-relative) as the 4-gon to clip."""
-    ax[0] = box[i, 0]
-    ay[0] = box[i, 1]
-    ax[1] = box[i, 2]
-    ay[1] = box[i, 1]
-    ax[2] = box[i, 2]
-    ay[2] = box[i, 3]
-    ax[3] = box[i, 0]
-    ay[3] = box[i, 3]
+def _start_box(box, i, qx, qy, qe):
+    """Write the box of seed ``i`` (x0, y0, x1, y1, seed-relative) as the 4-gon to clip (row 0
+    of the two-row buffers)."""
+    qx[0, 0] = box[i, 0]
+    qy[0, 0] = box[i, 1]
+    qx[0, 1] = box[i, 2]
+    qy[0, 1] = box[i, 1]
+    qx[0, 2] = box[i, 2]
+    qy[0, 2] = box[i, 3]
+    qx[0, 3] = box[i, 0]
+    qy[0, 3] = box[i, 3]
     for e in range(4):
-        ae[e] = -1
+        qe[0, e] = -1
 
 
 @njit(parallel=True, cache=True)
@@ -157,18 +165,16 @@ def _cells_kernel(px, py, pw, todo, cx, cy, cw, cid, cd, dbound, box, cap, vx, v
     k_all = cx.shape[1]
     for t in prange(todo.shape[0]):
         i = todo[t]
-        ax = np.empty(cap)
-        ay = np.empty(cap)
-        ae = np.empty(cap, dtype=np.int32)
-        bx = np.empty(cap)
-        by = np.empty(cap)
-        be = np.empty(cap, dtype=np.int32)
-        # polygon in coordinates relative to the seed
-        _start_box(box, i, ax, ay, ae)
+        qx = np.empty((2, cap))
+        qy = np.empty((2, cap))
+        qe = np.empty((2, cap), dtype=np.int32)
+        # polygon in coordinates relative to the seed, in row r of the buffers
+        _start_box(box, i, qx, qy, qe)
+        r = 0
         n = 4
         done = False
         for k in range(k_all):
-            if _certified(cd[t, k], pw[i], ax, ay, n):
+            if _certified(cd[t, k], pw[i], qx, qy, r, n):
                 done = True
                 break
             ex = cx[t, k] - px[i]
@@ -177,27 +183,24 @@ def _cells_kernel(px, py, pw, todo, cx, cy, cw, cid, cd, dbound, box, cap, vx, v
             if sep2 == 0.0:
                 continue  # the seed itself (or an exact duplicate: no radical line)
             # π_p(u) ≤ π_q(u)  ⇔  2 u·e ≤ |e|² − w_q + w_p   (u relative to p)
-            n = _clip(ax, ay, ae, n, 2.0 * ex, 2.0 * ey, sep2 - cw[t, k] + pw[i], cid[t, k],
-                      bx, by, be)
-            ax, bx = bx, ax
-            ay, by = by, ay
-            ae, be = be, ae
+            n = _clip(qx, qy, qe, r, n, 2.0 * ex, 2.0 * ey, sep2 - cw[t, k] + pw[i], cid[t, k])
+            r = 1 - r
         if not done:
-            done = _certified(dbound[t], pw[i], ax, ay, n)
+            done = _certified(dbound[t], pw[i], qx, qy, r, n)
         ok[t] = done
         nv[t] = n
         for v in range(n):
-            vx[t, v] = ax[v] + px[i]
-            vy[t, v] = ay[v] + py[i]
-            ve[t, v] = ae[v]
+            vx[t, v] = qx[r, v] + px[i]
+            vy[t, v] = qy[r, v] + py[i]
+            ve[t, v] = qe[r, v]
 
 
 @njit(cache=True, inline="always")
-def _rmax2(ax, ay, n):
-    """Squared distance of the farthest vertex (vertices relative to the seed)."""
+def _rmax2(qx, qy, row, n):
+    """Squared distance of the farthest vertex (row ``row``, vertices relative to the seed)."""
     r = 0.0
     for v in range(n):
-        r = max(r, ax[v] * ax[v] + ay[v] * ay[v])
+        r = max(r, qx[row, v] * qx[row, v] + qy[row, v] * qy[row, v])
     return r
 
 
@@ -227,24 +230,22 @@ def _cells_ring_kernel(px, py, pw, gx, gy, gw, gid, gstart, nx, ny, hx, hy, lx, 
     hmin = min(hx, hy)
     kmax = int(math.ceil(4.0 * max(lx, ly) / hmin)) + 2
     for i in prange(n):
-        ax = np.empty(cap)
-        ay = np.empty(cap)
-        ae = np.empty(cap, dtype=np.int32)
-        bx = np.empty(cap)
-        by = np.empty(cap)
-        be = np.empty(cap, dtype=np.int32)
-        _start_box(box, i, ax, ay, ae)
+        qx = np.empty((2, cap))
+        qy = np.empty((2, cap))
+        qe = np.empty((2, cap), dtype=np.int32)
+        _start_box(box, i, qx, qy, qe)
+        r = 0  # the polygon's row in the buffers
         m = 4
         cx = min(max(int(math.floor(px[i] / hx)), 0), nx - 1)
         cy = min(max(int(math.floor(py[i] / hy)), 0), ny - 1)
-        rmax2 = _rmax2(ax, ay, m)
+        rmax2 = _rmax2(qx, qy, r, m)
         done = False
         full = False
         for k in range(kmax):
             # unvisited seeds lie outside the square of rings < k around the seed's grid cell
             dk = min(min(px[i] - (cx - k + 1) * hx, (cx + k) * hx - px[i]),
                      min(py[i] - (cy - k + 1) * hy, (cy + k) * hy - py[i]))
-            if k >= 1 and _certified(dk, pw[i], ax, ay, m):
+            if k >= 1 and _certified(dk, pw[i], qx, qy, r, m):
                 done = True
                 break
             if not periodic and k > max(max(cx, nx - 1 - cx), max(cy, ny - 1 - cy)):
@@ -278,7 +279,7 @@ def _cells_ring_kernel(px, py, pw, gx, gy, gw, gid, gstart, nx, ny, hx, hy, lx, 
                             continue  # the radical line misses the polygon's circumdisc
                         cut = False
                         for u in range(m):  # ... or misses the polygon: no copy
-                            if 2.0 * ex * ax[u] + 2.0 * ey * ay[u] - rhs > 0.0:
+                            if 2.0 * ex * qx[r, u] + 2.0 * ey * qy[r, u] - rhs > 0.0:
                                 cut = True
                                 break
                         if not cut:
@@ -286,11 +287,9 @@ def _cells_ring_kernel(px, py, pw, gx, gy, gw, gid, gstart, nx, ny, hx, hy, lx, 
                         if m + 1 >= cap:
                             full = True
                             break
-                        m = _clip(ax, ay, ae, m, 2.0 * ex, 2.0 * ey, rhs, gid[t], bx, by, be)
-                        ax, bx = bx, ax
-                        ay, by = by, ay
-                        ae, be = be, ae
-                        rmax2 = _rmax2(ax, ay, m)
+                        m = _clip(qx, qy, qe, r, m, 2.0 * ex, 2.0 * ey, rhs, gid[t])
+                        r = 1 - r
+                        rmax2 = _rmax2(qx, qy, r, m)
                     if full:
                         break
                 if full:
@@ -301,9 +300,9 @@ def _cells_ring_kernel(px, py, pw, gx, gy, gw, gid, gstart, nx, ny, hx, hy, lx, 
         nv[i] = m
         if ok[i]:
             for v in range(m):
-                vx[i, v] = ax[v] + px[i]
-                vy[i, v] = ay[v] + py[i]
-                ve[i, v] = ae[v]
+                vx[i, v] = qx[r, v] + px[i]
+                vy[i, v] = qy[r, v] + py[i]
+                ve[i, v] = qe[r, v]
 
 
 @dataclass(frozen=True, eq=False)
@@ -382,9 +381,9 @@ def _ring_cells(seeds: np.ndarray, w: np.ndarray, extent: tuple[float, float], p
         mrg = max(lx, ly)
         box = np.ascontiguousarray(np.c_[-mrg - seeds[:, 0], -mrg - seeds[:, 1],
                                          lx + mrg - seeds[:, 0], ly + mrg - seeds[:, 1]])
-    vx = np.zeros((n, cap))
-    vy = np.zeros((n, cap))
-    ve = np.zeros((n, cap), dtype=np.int32)
+    vx = np.empty((n, cap))  # rows written up to nv for the certified cells only
+    vy = np.empty((n, cap))
+    ve = np.empty((n, cap), dtype=np.int32)
     nv = np.zeros(n, dtype=np.int64)
     ok = np.zeros(n, dtype=np.bool_)
     _cells_ring_kernel(np.ascontiguousarray(seeds[:, 0]), np.ascontiguousarray(seeds[:, 1]),
@@ -393,11 +392,24 @@ def _ring_cells(seeds: np.ndarray, w: np.ndarray, extent: tuple[float, float], p
                        np.ascontiguousarray(w[order], dtype=np.float64), order.astype(np.int32),
                        gstart, nx, ny, hx, hy, float(lx), float(ly), bool(periodic), box, cap,
                        vx, vy, ve, nv, ok)
+    if ok.all():  # the usual case: no copies
+        return np.arange(n), nv, vx, vy, ve
     return np.flatnonzero(ok), nv[ok], vx[ok], vy[ok], ve[ok]
 
 
+@njit(cache=True)
+def _pack_rows(start, cells, nvs, vx, vy, ve, verts, edges):
+    """Copy the first ``nvs[r]`` vertices of each row ``r`` to cell ``cells[r]``'s CSR slot."""
+    for r in range(cells.shape[0]):
+        a = start[cells[r]]
+        for v in range(nvs[r]):
+            verts[a + v, 0] = vx[r, v]
+            verts[a + v, 1] = vy[r, v]
+            edges[a + v] = ve[r, v]
+
+
 def _assemble(n, rounds, seeds, extent, periodic) -> CellPolygons:
-    """CSR assembly of the per-pass rows, vectorised (each cell certified in one pass)."""
+    """CSR assembly of the per-pass rows (each cell certified in one pass)."""
     counts = np.zeros(n, dtype=np.int64)
     for cells, nvs, _, _, _ in rounds:
         counts[cells] = nvs
@@ -406,11 +418,8 @@ def _assemble(n, rounds, seeds, extent, periodic) -> CellPolygons:
     verts = np.empty((int(start[-1]), 2))
     edges = np.empty(int(start[-1]), dtype=np.int32)
     for cells, nvs, vx, vy, ve in rounds:
-        used = np.arange(vx.shape[1])[None, :] < nvs[:, None]
-        pos = (start[cells][:, None] + np.arange(vx.shape[1])[None, :])[used]
-        verts[pos, 0] = vx[used]
-        verts[pos, 1] = vy[used]
-        edges[pos] = ve[used]
+        _pack_rows(start, np.ascontiguousarray(cells, dtype=np.int64),
+                   np.ascontiguousarray(nvs, dtype=np.int64), vx, vy, ve, verts, edges)
     return CellPolygons(vertices=verts, edge_neighbour=edges, start=start,
                         origins=seeds.copy(), extent=(float(extent[0]), float(extent[1])),
                         periodic=bool(periodic))
@@ -514,18 +523,16 @@ def _subcells_kernel(sub_xy, sub_parent, gstart, cvx, cvy, cstart, cap, vx, vy, 
         g = sub_parent[i]
         a0 = cstart[g]
         n = cstart[g + 1] - a0
-        ax = np.empty(cap)
-        ay = np.empty(cap)
-        ae = np.empty(cap, dtype=np.int32)
-        bx = np.empty(cap)
-        by = np.empty(cap)
-        be = np.empty(cap, dtype=np.int32)
+        qx = np.empty((2, cap))
+        qy = np.empty((2, cap))
+        qe = np.empty((2, cap), dtype=np.int32)
+        r = 0  # the polygon's row in the buffers
         sx = sub_xy[i, 0]
         sy = sub_xy[i, 1]
         for v in range(n):
-            ax[v] = cvx[a0 + v] - sx
-            ay[v] = cvy[a0 + v] - sy
-            ae[v] = -1
+            qx[0, v] = cvx[a0 + v] - sx
+            qy[0, v] = cvy[a0 + v] - sy
+            qe[0, v] = -1
         for q in range(gstart[g], gstart[g + 1]):
             if q == i or n == 0:
                 continue
@@ -534,15 +541,13 @@ def _subcells_kernel(sub_xy, sub_parent, gstart, cvx, cvy, cstart, cap, vx, vy, 
             sep2 = ex * ex + ey * ey
             if sep2 == 0.0:
                 continue
-            n = _clip(ax, ay, ae, n, 2.0 * ex, 2.0 * ey, sep2, q, bx, by, be)
-            ax, bx = bx, ax
-            ay, by = by, ay
-            ae, be = be, ae
+            n = _clip(qx, qy, qe, r, n, 2.0 * ex, 2.0 * ey, sep2, q)
+            r = 1 - r
         nv[i] = n
         for v in range(n):
-            vx[i, v] = ax[v] + sx
-            vy[i, v] = ay[v] + sy
-            ve[i, v] = ae[v]
+            vx[i, v] = qx[r, v] + sx
+            vy[i, v] = qy[r, v] + sy
+            ve[i, v] = qe[r, v]
 
 
 @njit(cache=True, inline="always")
@@ -581,8 +586,8 @@ def _sub_label_kernel(xs, ys, gid, ox, oy, lx, ly, periodic, gstart, sx, sy, who
             if periodic:  # minimum image relative to the grain's seed: the frame of its polygon
                 dx = x - ox[g]
                 dy = y - oy[g]
-                x = ox[g] + dx - lx * math.floor(dx / lx + 0.5)
-                y = oy[g] + dy - ly * math.floor(dy / ly + 0.5)
+                x = ox[g] + dx - lx * nearest_period(dx, lx)
+                y = oy[g] + dy - ly * nearest_period(dy, ly)
             a = gstart[g]
             b = gstart[g + 1]
             if b == a:
@@ -720,7 +725,8 @@ class SubgrainStructure:
 
 def build_subgrains(tess: Tessellation, sub_seeds: np.ndarray, delta: np.ndarray | None = None,
                     polygons: CellPolygons | None = None, params: dict | None = None,
-                    label_cap: float = np.inf) -> SubgrainStructure:
+                    label_cap: float = np.inf, parent: np.ndarray | None = None
+                    ) -> SubgrainStructure:
     """Sub-grain structure from given sub-seed positions (the deterministic half of sampling).
 
     Parameters
@@ -738,6 +744,8 @@ def build_subgrains(tess: Tessellation, sub_seeds: np.ndarray, delta: np.ndarray
     label_cap : float
         ``max_distance`` of the ``tess.label`` call that finds the parents (px; the ids do not
         depend on it): pass the cap the frames are labelled with to share its cached tile lists.
+    parent : ndarray (m,) int, optional
+        The grains of the sub-seeds if already known (``tess.label``'s ids; then no call).
 
     Returns
     -------
@@ -754,8 +762,13 @@ def build_subgrains(tess: Tessellation, sub_seeds: np.ndarray, delta: np.ndarray
         raise ValueError(f"delta must have shape ({m},), got {dl.shape}")
     cells = cell_polygons(tess) if polygons is None else polygons
     n = tess.n_seeds
-    parent = (tess.label(sub[:, 0], sub[:, 1], max_distance=label_cap)[0].astype(np.int32)
-              if m else np.zeros(0, np.int32))
+    if parent is not None:
+        parent = np.asarray(parent, dtype=np.int32).reshape(-1)
+        if parent.shape != (m,):
+            raise ValueError(f"parent must have shape ({m},), got {parent.shape}")
+    else:
+        parent = (tess.label(sub[:, 0], sub[:, 1], max_distance=label_cap)[0].astype(np.int32)
+                  if m else np.zeros(0, np.int32))
     order = np.argsort(parent, kind="stable")
     sub, parent, dl = sub[order], parent[order], dl[order]
     fx, fy = cells.to_frame(parent, sub[:, 0], sub[:, 1])
@@ -885,10 +898,12 @@ class Subgrains:
         _check_range("subgrains.groove_depth", self.groove_depth, 0.0, 1.0)
 
     def sample_specimen(self, rng: np.random.Generator, tess: Tessellation,
-                        polygons: CellPolygons | None = None, label_cap: float = np.inf
-                        ) -> SubgrainStructure:
+                        polygons: CellPolygons | None = None, label_cap: float = np.inf,
+                        grain_of=None) -> SubgrainStructure:
         """Draw the sub-grains of a specimen (sub-seeds, subdivided grains, intensity deltas);
-        ``label_cap``: see :func:`build_subgrains` (results do not depend on it)."""
+        ``label_cap``: see :func:`build_subgrains` (results do not depend on it);
+        ``grain_of``: optional ``(x, y) → grain ids`` giving ``tess.label``'s ids (used instead
+        of it, e.g. without its tile lists)."""
         n = tess.n_seeds
         lx, ly = tess.extent
         per_grain = float(rng.uniform(*self.subgrains_per_grain))
@@ -897,13 +912,17 @@ class Subgrains:
         sub = rng.random((m, 2)) * np.array([lx, ly])
         divided = rng.random(n) < self.grain_fraction
         delta = rng.uniform(-amp, amp, m)
-        parent = (tess.label(sub[:, 0], sub[:, 1], max_distance=label_cap)[0] if m
-                  else np.zeros(0, np.int32))
+        if not m:
+            parent = np.zeros(0, np.int32)
+        elif grain_of is not None:
+            parent = np.asarray(grain_of(sub[:, 0], sub[:, 1]), dtype=np.int32)
+        else:
+            parent = tess.label(sub[:, 0], sub[:, 1], max_distance=label_cap)[0]
         keep = divided[parent]
         params = {"subgrains_per_grain": per_grain, "intensity_delta": amp,
                   "n_subgrain_seeds": int(keep.sum()), "n_divided_grains": int(divided.sum())}
         return build_subgrains(tess, sub[keep], delta[keep], polygons=polygons, params=params,
-                               label_cap=label_cap)
+                               label_cap=label_cap, parent=parent[keep])
 
     def sample(self, rng: np.random.Generator) -> SubgrainParams:
         """Per-frame groove draws."""

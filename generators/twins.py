@@ -27,6 +27,8 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit, prange
 
+from generators._periodic import min_image
+
 __all__ = ["AnnealingTwins", "TwinSet", "TwinParams", "twin_groove_factor", "FWHM_TO_SIGMA"]
 
 FWHM_TO_SIGMA = 1.0 / (2.0 * math.sqrt(2.0 * math.log(2.0)))
@@ -38,8 +40,8 @@ def _lamella(x, y, g, ox, oy, nx, ny, period, width, offset, lx, ly, periodic):
     dx = x - ox[g]
     dy = y - oy[g]
     if periodic:
-        dx -= lx * round(dx / lx)
-        dy -= ly * round(dy / ly)
+        dx = min_image(dx, lx)
+        dy = min_image(dy, ly)
     t = nx[g] * dx + ny[g] * dy - offset[g]
     s = period[g]
     r = t - s * math.floor(t / s)

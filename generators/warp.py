@@ -28,6 +28,12 @@ variant for tessellations without polygons).
 
 The map kernel evaluates the modes with a branch-free sine/cosine (:func:`_sincos`, ~1e-15) so
 its pixel loop vectorises; :func:`image_space_distance` finds the normal and ``d_p`` in one pass.
+:func:`label_warped_grains` does the grains, ``d_q``, the normal and ``d_p`` in one pass without
+the tessellation's tile lists: the mapped points of a frame are smooth, so each starts from the
+previous point's grain and walks to its power-nearest seed over the exact cell neighbours; the
+lines are evaluated with the tile lists' own expressions (``voronoi._tile_owner_lines``), so the
+bits are those of ``Tessellation.label`` + :func:`image_space_distance` (tested; a change of
+those expressions must be mirrored in :func:`_tile_line`).
 
 Units: px.  Kernels work on independent pixels (``prange``): results do not depend on thread count.
 """
@@ -41,8 +47,12 @@ import numpy as np
 from numba import njit, prange
 from scipy.spatial import cKDTree
 
+from generators._periodic import min_image
+from generators.voronoi import _label_one, _wrap
+
 __all__ = ["CoordinateMap", "Warp", "CellNeighbours", "stretch_matrix", "radical_normals",
-           "image_space_distance", "image_space_distance_const"]
+           "image_space_distance", "image_space_distance_const", "label_warped_grains",
+           "walk_grain_ids"]
 
 
 def stretch_matrix(elongation: float, angle_rad: float) -> np.ndarray:
@@ -314,7 +324,11 @@ class CellNeighbours:
     neighbours: np.ndarray
     extent: tuple[float, float]
     periodic: bool
+    #: per cell the largest ``|v − p|`` along x and y over its polygon's vertices ``v`` (px, (n, 2));
+    #: set by :meth:`from_polygons`, ``None`` otherwise (see :func:`label_warped_grains`)
+    reach: np.ndarray | None = None
     _lines: tuple = field(default=None, init=False, repr=False, compare=False)
+    _kimg: np.ndarray = field(default=None, init=False, repr=False, compare=False)
 
     def pair_lines(self) -> tuple:
         """Per neighbour pair: ``e`` (x, y), unit normal (x, y) and ``c`` (see
@@ -335,11 +349,15 @@ class CellNeighbours:
         start = np.zeros(n + 1, dtype=np.int64)
         start[1:] = np.cumsum(np.bincount(pairs[:, 0], minlength=n))
         w = np.zeros(n) if weights is None else np.asarray(weights, dtype=np.float64)
+        reach = np.zeros((n, 2))
+        if cells.vertices.shape[0]:
+            rel = np.abs(cells.vertices - cells.origins[owner])
+            np.maximum.at(reach, owner, rel)
         return cls(seeds=np.ascontiguousarray(cells.origins, dtype=np.float64),
                    weights=np.ascontiguousarray(w), start=start,
                    neighbours=np.ascontiguousarray(pairs[:, 1]),
                    extent=(float(cells.extent[0]), float(cells.extent[1])),
-                   periodic=bool(cells.periodic))
+                   periodic=bool(cells.periodic), reach=reach)
 
     def normals(self, qx: np.ndarray, qy: np.ndarray, owner: np.ndarray) -> np.ndarray:
         """Unit normal (specimen space) of the nearest radical line of each point's own cell.
@@ -466,12 +484,15 @@ def _normals_kernel(q, idx, seeds, w, lx, ly, periodic, out):
 
 @njit(parallel=True, cache=True)
 def _image_distance_kernel(qx, qy, owner, dist_q, jac, cap_q, cap, seeds, w, nstart, nbr,
-                           pex, pey, pnx, pny, pc, lx, ly, periodic, out):
+                           pex, pey, pnx, pny, pc, lim, lx, ly, periodic, out):
     """``d_p = d_q / |Jᵀ n|``; ``n``: normal of the nearest radical line among the owner's
     neighbours.  Per neighbour pair (minimum-image seed difference ``e``) the radical line is at
     ``c − n·r`` from the point (``r``: the point relative to the owner's seed); where ``e − r`` is
     not the minimum image of the neighbour (grains of about half the specimen) the distance is
-    computed from the images nearest to the point, as in :meth:`CellNeighbours.normals`."""
+    computed from the images nearest to the point, as in :meth:`CellNeighbours.normals`.
+    ``lim[o]``: ``|r| <`` it (per axis) proves ``e − r`` the minimum image for every pair of
+    ``o`` (the usual case: one test per point, then a loop without per-pair tests; coincident
+    seeds have ``c = inf`` and never win it either)."""
     m = qx.shape[0]
     hx = 0.5 * lx
     hy = 0.5 * ly
@@ -486,11 +507,21 @@ def _image_distance_kernel(qx, qy, owner, dist_q, jac, cap_q, cap, seeds, w, nst
         rx = x - seeds[o, 0]
         ry = y - seeds[o, 1]
         if periodic:
-            rx -= lx * round(rx / lx)
-            ry -= ly * round(ry / ly)
+            rx = min_image(rx, lx)
+            ry = min_image(ry, ly)
         bd = np.inf
         nxv = 1.0
         nyv = 0.0
+        if not periodic or (abs(rx) < lim[o, 0] and abs(ry) < lim[o, 1]):
+            for t in range(nstart[o], nstart[o + 1]):
+                dd = pc[t] - (pnx[t] * rx + pny[t] * ry)
+                if dd < bd:
+                    bd = dd
+                    nxv = pnx[t]
+                    nyv = pny[t]
+            s = math.hypot(jac[i, 0] * nxv + jac[i, 2] * nyv, jac[i, 1] * nxv + jac[i, 3] * nyv)
+            out[i] = np.float32(min(d / max(s, 1e-12), cap))
+            continue
         for t in range(nstart[o], nstart[o + 1]):
             if pc[t] == np.inf:
                 continue  # coincident seeds: no radical line
@@ -549,9 +580,16 @@ def _pair_lines(cells: CellNeighbours):
     safe = np.where(ok, sep, 1.0)
     c = np.where(ok, ((e[:, 0] ** 2 + e[:, 1] ** 2) - cells.weights[j] + cells.weights[o])
                  / (2.0 * safe), np.inf)
+    # per owner: |r| below L/2 − max |e| (a hair less) keeps every |e − r| below L/2
+    n = cells.start.shape[0] - 1
+    lim = np.empty((n, 2))
+    for a, half in ((0, 0.5 * cells.extent[0]), (1, 0.5 * cells.extent[1])):
+        emax = np.zeros(n)
+        np.maximum.at(emax, o, np.abs(e[:, a]))
+        lim[:, a] = (half - emax) - 1e-9 * half
     return (np.ascontiguousarray(e[:, 0]), np.ascontiguousarray(e[:, 1]),
             np.ascontiguousarray(e[:, 0] / safe), np.ascontiguousarray(e[:, 1] / safe),
-            np.ascontiguousarray(c))
+            np.ascontiguousarray(c), lim)
 
 
 def image_space_distance(cells: CellNeighbours, qx: np.ndarray, qy: np.ndarray,
@@ -578,7 +616,10 @@ def image_space_distance(cells: CellNeighbours, qx: np.ndarray, qy: np.ndarray,
     shape = np.shape(qx)
     qx = np.ascontiguousarray(np.asarray(qx, dtype=np.float64).ravel())
     qy = np.ascontiguousarray(np.asarray(qy, dtype=np.float64).ravel())
-    ow = np.ascontiguousarray(np.asarray(owner, dtype=np.int64).ravel())
+    ow = np.asarray(owner).ravel()
+    if ow.dtype not in (np.int32, np.int64):  # (label ids are int32: no copy)
+        ow = ow.astype(np.int64)
+    ow = np.ascontiguousarray(ow)
     dq = np.ascontiguousarray(np.asarray(dist_q).ravel())
     jac = np.ascontiguousarray(np.asarray(jacobian, dtype=np.float64).reshape(-1, 4))
     out = np.empty(qx.shape[0], dtype=np.float32)
@@ -610,3 +651,334 @@ def image_space_distance_const(dist_q: np.ndarray, owner: np.ndarray, normals: n
                                                        .reshape(-1, 4)),
                                   float(cap_q), float(cap), out)
     return out.reshape(shape)
+
+
+# --------------------------------------------------------------------------------------------
+# grains and image-space distance in one pass (periodic specimens with exact cell neighbours)
+# --------------------------------------------------------------------------------------------
+#: pixels labelled in sequence by :func:`_warped_label_kernel` (each starts from the previous
+#: pixel's grain); fixed, so any thread count gives the same result
+_LABEL_CHUNK = 256
+#: steps of the neighbour walk before a pixel falls back to the exact ring search
+_WALK_STEPS = 64
+
+
+@njit(cache=True, inline="always")
+def _tile_line(px, py, wo, qx, qy, wq):
+    """Radical line of the owner image ``(px, py)`` (weight ``wo``) with the image ``(qx, qy)``
+    (weight ``wq``; weights shifted to ``≤ 0``) as ``(a_x, a_y, c)``, distance ``a·x + c``: the
+    expressions of :func:`generators.voronoi._tile_owner_lines`, so the same bits; ``c = inf``
+    for coincident seeds (no line)."""
+    ex = qx - px
+    ey = qy - py
+    sep = math.sqrt(ex * ex + ey * ey)
+    if sep == 0.0:
+        return 0.0, 0.0, np.inf
+    ax = -ex / sep
+    ay = -ey / sep
+    c = (qx ** 2 + qy ** 2 - px * px - py * py - wq + wo) / (2.0 * sep)
+    return ax, ay, c
+
+
+@njit(cache=True)
+def _pair_images(seeds, wn, nstart, nbr, lx, ly):
+    """Per neighbour pair ``(o, j)``: the shift ``k`` (periods, float) of ``j``'s image next to
+    ``o`` (minimum image of ``p_j − p_o``) and the pair's :func:`_tile_line` with ``o`` at its
+    own position, (m, 5): ``k_x, k_y, a_x, a_y, c``."""
+    m = nbr.shape[0]
+    k = np.zeros((m, 5))
+    for o in range(nstart.shape[0] - 1):
+        px = seeds[o, 0] + lx * 0.0
+        py = seeds[o, 1] + ly * 0.0
+        for t in range(nstart[o], nstart[o + 1]):
+            j = nbr[t]
+            kx = float(round((seeds[o, 0] - seeds[j, 0]) / lx))
+            ky = float(round((seeds[o, 1] - seeds[j, 1]) / ly))
+            k[t, 0] = kx
+            k[t, 1] = ky
+            ax, ay, c = _tile_line(px, py, wn[o], seeds[j, 0] + lx * (kx + 0.0),
+                                   seeds[j, 1] + ly * (ky + 0.0), wn[j])
+            k[t, 2] = ax
+            k[t, 3] = ay
+            k[t, 4] = c
+    return k
+
+
+@njit(cache=True, inline="always")
+def _period_shift(v, lx):
+    """``round(v / lx)`` (float), without the division when ``|v|`` is clearly below ``lx / 2``."""
+    if abs(v) < 0.49 * lx:
+        return 0.0
+    return float(round(v / lx))
+
+
+@njit(cache=True)
+def _start_seed(xw, yw, sid, start, nx, ny, hx, hy, nstart):
+    """A seed with neighbours in the nearest non-empty bucket of the labelling grid (-1: none)."""
+    cx = min(int(xw / hx), nx - 1)
+    cy = min(int(yw / hy), ny - 1)
+    for k in range(max(nx, ny) + 1):
+        for jy in range(cy - k, cy + k + 1):
+            for jx in range(cx - k, cx + k + 1):
+                if max(abs(jx - cx), abs(jy - cy)) != k:
+                    continue
+                c = (jy % ny) * nx + (jx % nx)
+                for t in range(start[c], start[c + 1]):
+                    g = sid[t]
+                    if nstart[g + 1] > nstart[g]:
+                        return g
+    return -1
+
+
+@njit(cache=True, inline="always")
+def _walk(x, y, xw, yw, g, seeds, wn, nstart, nbr, kimg, sx, sy, sw, sid, start, nx, ny, hx, hy,
+          lx, ly, cap_q):
+    """Power-nearest seed of the point (``x, y``; wrapped ``xw, yw``) by a walk from grain ``g``
+    (``-1``: the ring search), and the smallest of its radical lines' distances capped at
+    ``cap_q``, as the tile lists evaluate them (see :func:`_warped_label_kernel`)."""
+    steps = 0
+    bd = cap_q
+    while True:
+        if g < 0 or steps > _WALK_STEPS:  # no walk: the exact ring search
+            g = _label_one(x, y, sx, sy, sw, sid, start, nx, ny, hx, hy, lx, ly, True,
+                           cap_q)[0]
+            steps = -1
+        kox = _period_shift(xw - seeds[g, 0], lx)
+        koy = _period_shift(yw - seeds[g, 1], ly)
+        px = seeds[g, 0] + lx * kox
+        py = seeds[g, 1] + ly * koy
+        bd = cap_q
+        dmin = np.inf
+        low = False
+        if kox == 0.0 and koy == 0.0:  # the owner at its own position: stored lines
+            for t in range(nstart[g], nstart[g + 1]):
+                d = kimg[t, 2] * xw + kimg[t, 3] * yw + kimg[t, 4]
+                if d < bd:
+                    bd = d
+                dmin = min(dmin, d)
+                if d < 1e-9:
+                    low = True
+        else:
+            for t in range(nstart[g], nstart[g + 1]):
+                j = nbr[t]
+                ax, ay, c = _tile_line(px, py, wn[g],
+                                       seeds[j, 0] + lx * (kimg[t, 0] + kox),
+                                       seeds[j, 1] + ly * (kimg[t, 1] + koy), wn[j])
+                d = ax * xw + ay * yw + c
+                if d < bd:
+                    bd = d
+                dmin = min(dmin, d)
+                if d < 1e-9:
+                    low = True
+        if not low or steps < 0:
+            break
+        # a line at (or within rounding of) the point: move to the neighbour with the
+        # smallest power distance if it beats the grain's (the tile lists' comparison)
+        dx = xw - px
+        dy = yw - py
+        best = dx * dx + dy * dy - wn[g]
+        jb = -1
+        for t in range(nstart[g], nstart[g + 1]):
+            j = nbr[t]
+            dx = xw - (seeds[j, 0] + lx * (kimg[t, 0] + kox))
+            dy = yw - (seeds[j, 1] + ly * (kimg[t, 1] + koy))
+            p = dx * dx + dy * dy - wn[j]
+            if p < best:
+                best = p
+                jb = j
+        if jb < 0:
+            if dmin < -1e-6:  # clearly outside, yet no neighbour nearer: the ring search
+                steps = _WALK_STEPS + 1
+                continue
+            break  # a tie within rounding of the boundary
+        g = jb
+        steps += 1
+    return g, bd
+
+
+@njit(parallel=True, cache=True)
+def _warped_label_kernel(xs, ys, jac, seeds, wn, w, nstart, nbr, kimg, sx, sy, sw, sid, start,
+                         nx, ny, hx, hy, lx, ly, cap_q, cap, pex, pey, pnx, pny, pc, lim,
+                         out_gid, out_d):
+    """Grain and image-space boundary distance of every point, from the cells' neighbours.
+
+    Per point (specimen coordinates, wrapped into the specimen as the tile lists do): walk from
+    the previous point's grain to a neighbour with a smaller power distance while one of the
+    grain's radical lines lies on the point's wrong side (the cell is the intersection of its
+    neighbours' half-planes; power distances strictly fall, so the walk ends, in the power-
+    nearest seed).  The specimen-space distance is the smallest of those lines, evaluated as the
+    tile lists evaluate them (:func:`_tile_line`, the owner's image next to the point), then
+    ``d_p = d_q / |Jᵀ n|`` exactly as :func:`_image_distance_kernel`."""
+    n = xs.shape[0]
+    hxl = 0.5 * lx
+    hyl = 0.5 * ly
+    nchunk = (n + _LABEL_CHUNK - 1) // _LABEL_CHUNK
+    for b in prange(nchunk):
+        g = -1
+        for i in range(b * _LABEL_CHUNK, min(n, (b + 1) * _LABEL_CHUNK)):
+            x = xs[i]
+            y = ys[i]
+            xw = _wrap(x, lx)
+            yw = _wrap(y, ly)
+            if g < 0:
+                g = _start_seed(xw, yw, sid, start, nx, ny, hx, hy, nstart)
+            g, bd = _walk(x, y, xw, yw, g, seeds, wn, nstart, nbr, kimg, sx, sy, sw, sid,
+                          start, nx, ny, hx, hy, lx, ly, cap_q)
+            out_gid[i] = g
+            dq = np.float32(max(bd, 0.0))
+            d = float(dq)
+            if not d < cap_q:
+                out_d[i] = cap
+                continue
+            # the normal of the nearest radical line, as _image_distance_kernel finds it
+            o = g
+            rx = x - seeds[o, 0]
+            ry = y - seeds[o, 1]
+            rx = min_image(rx, lx)
+            ry = min_image(ry, ly)
+            bn = np.inf
+            nxv = 1.0
+            nyv = 0.0
+            if abs(rx) < lim[o, 0] and abs(ry) < lim[o, 1]:
+                for t in range(nstart[o], nstart[o + 1]):
+                    dd = pc[t] - (pnx[t] * rx + pny[t] * ry)
+                    if dd < bn:
+                        bn = dd
+                        nxv = pnx[t]
+                        nyv = pny[t]
+            else:
+                for t in range(nstart[o], nstart[o + 1]):
+                    if pc[t] == np.inf:
+                        continue
+                    if abs(pex[t] - rx) >= hxl or abs(pey[t] - ry) >= hyl:
+                        j = nbr[t]
+                        dx = seeds[j, 0] - x
+                        dy = seeds[j, 1] - y
+                        dx -= lx * round(dx / lx)
+                        dy -= ly * round(dy / ly)
+                        ex = dx + rx
+                        ey = dy + ry
+                        sep = math.sqrt(ex * ex + ey * ey)
+                        if sep == 0.0:
+                            continue
+                        dd = (dx * dx + dy * dy - w[j] - (rx * rx + ry * ry - w[o])) / (2.0 * sep)
+                        if dd < bn:
+                            bn = dd
+                            nxv = ex / sep
+                            nyv = ey / sep
+                    else:
+                        dd = pc[t] - (pnx[t] * rx + pny[t] * ry)
+                        if dd < bn:
+                            bn = dd
+                            nxv = pnx[t]
+                            nyv = pny[t]
+            s = math.hypot(jac[i, 0] * nxv + jac[i, 2] * nyv, jac[i, 1] * nxv + jac[i, 3] * nyv)
+            out_d[i] = np.float32(min(d / max(s, 1e-12), cap))
+
+
+@njit(parallel=True, cache=True)
+def _walk_gid_kernel(xs, ys, seeds, wn, nstart, nbr, kimg, sx, sy, sw, sid, start, nx, ny, hx,
+                     hy, lx, ly, out_gid):
+    """Grain of every point by :func:`_walk`, each from a seed of its own bucket (points in
+    any order, e.g. scattered sub-seeds)."""
+    n = xs.shape[0]
+    nchunk = (n + _LABEL_CHUNK - 1) // _LABEL_CHUNK
+    for b in prange(nchunk):
+        for i in range(b * _LABEL_CHUNK, min(n, (b + 1) * _LABEL_CHUNK)):
+            xw = _wrap(xs[i], lx)
+            yw = _wrap(ys[i], ly)
+            g = _start_seed(xw, yw, sid, start, nx, ny, hx, hy, nstart)  # scattered points
+            g, _ = _walk(xs[i], ys[i], xw, yw, g, seeds, wn, nstart, nbr, kimg, sx, sy, sw, sid,
+                         start, nx, ny, hx, hy, lx, ly, 1.0)
+            out_gid[i] = g
+
+
+def _walk_inputs(tess, cells: CellNeighbours):
+    """The arrays of the walk, or ``None`` where it does not apply: periodic tessellations
+    whose cells all lie well inside half the specimen about their seeds (unique neighbour
+    images), ``cells`` from :meth:`CellNeighbours.from_polygons` of ``tess``."""
+    if not (cells.periodic and tess.periodic) or cells.reach is None or tess.n_seeds < 2:
+        return None
+    if cells.seeds.shape != tess.seeds.shape or not np.array_equal(cells.seeds, tess.seeds):
+        return None
+    lines = cells.pair_lines()
+    if not np.all(cells.reach < lines[5]):  # a cell too large for unique neighbour images
+        return None
+    w = np.zeros(tess.n_seeds) if tess.weights is None else tess.weights
+    wn = np.ascontiguousarray(w - w.max())  # the tile lists' weights
+    if cells._kimg is None:
+        object.__setattr__(cells, "_kimg", _pair_images(cells.seeds, wn, cells.start,
+                                                        cells.neighbours, *cells.extent))
+    return wn, lines
+
+
+def _points(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    xs = np.ascontiguousarray(np.asarray(x, dtype=np.float64).ravel())
+    ys = np.ascontiguousarray(np.asarray(y, dtype=np.float64).ravel())
+    if xs.shape != ys.shape:
+        raise ValueError(f"x and y must have the same shape, got {np.shape(x)} and {np.shape(y)}")
+    if not (np.all(np.isfinite(xs)) and np.all(np.isfinite(ys))):
+        raise ValueError("coordinates must be finite")
+    return xs, ys
+
+
+def walk_grain_ids(tess, cells: CellNeighbours, x: np.ndarray, y: np.ndarray
+                   ) -> np.ndarray | None:
+    """Grain ids at specimen points by the neighbour walk of :func:`label_warped_grains`
+    (``tess.label``'s ids without its tile lists), int32 of ``x``'s shape; ``None`` where the
+    walk does not apply."""
+    inp = _walk_inputs(tess, cells)
+    if inp is None:
+        return None
+    wn, _ = inp
+    xs, ys = _points(x, y)
+    sx, sy, sw, sid, start, nx, ny, hx, hy = tess._grid
+    gid = np.empty(xs.shape[0], dtype=np.int32)
+    lx, ly = tess.extent
+    _walk_gid_kernel(xs, ys, cells.seeds, wn, cells.start, cells.neighbours, cells._kimg, sx, sy,
+                     sw, sid, start, nx, ny, hx, hy, float(lx), float(ly), gid)
+    return gid.reshape(np.shape(x))
+
+
+def label_warped_grains(tess, cells: CellNeighbours, qx: np.ndarray, qy: np.ndarray,
+                        jacobian: np.ndarray, cap_q: float, cap: float
+                        ) -> tuple[np.ndarray, np.ndarray] | None:
+    """Grain ids and image-space boundary distances at mapped points in one pass, or ``None``
+    where this path does not apply (then: ``tess.label`` and :func:`image_space_distance`).
+
+    The same grains and distances as ``tess.label(qx, qy, max_distance=cap_q)`` followed by
+    ``image_space_distance(cells, qx, qy, gid, d_q, jacobian, cap_q, cap)`` (the same
+    expressions; a point within rounding of a boundary or a vertex of four cells may fall to the
+    other side of a tie), without the tessellation's tile lists (:func:`_warped_label_kernel`).
+    Applies to periodic tessellations whose cells all lie well inside half the specimen about
+    their seeds (``cells`` from :meth:`CellNeighbours.from_polygons` of ``tess``), the usual case.
+
+    Parameters
+    ----------
+    tess : generators.voronoi.Tessellation
+    cells : CellNeighbours of ``tess`` (with ``reach``)
+    qx, qy : ndarray, specimen coordinates, px
+    jacobian : ndarray, shape ``qx.shape + (2, 2)``
+    cap_q, cap : float, px (as :func:`image_space_distance`; ``cap_q`` also caps ``d_q``)
+
+    Returns
+    -------
+    (grain_id int32, distance float32), shape of ``qx``; or ``None``
+    """
+    inp = _walk_inputs(tess, cells)
+    if inp is None:
+        return None
+    wn, lines = inp
+    lim = lines[5]
+    shape = np.shape(qx)
+    xs, ys = _points(qx, qy)
+    jac = np.ascontiguousarray(np.asarray(jacobian, dtype=np.float64).reshape(-1, 4))
+    sx, sy, sw, sid, start, nx, ny, hx, hy = tess._grid
+    gid = np.empty(xs.shape[0], dtype=np.int32)
+    dist = np.empty(xs.shape[0], dtype=np.float32)
+    lx, ly = tess.extent
+    _warped_label_kernel(xs, ys, jac, cells.seeds, wn, cells.weights, cells.start,
+                         cells.neighbours, cells._kimg, sx, sy, sw, sid, start, nx, ny, hx, hy,
+                         float(lx), float(ly), float(cap_q), float(cap), *lines[:5], lim, gid,
+                         dist)
+    return gid.reshape(shape), dist.reshape(shape)

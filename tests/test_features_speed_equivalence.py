@@ -6,7 +6,10 @@
 * ``TwinSet.label_warped`` against ``TwinSet.label`` + ``warp.image_space_distance_const``;
 * the weight-aware pruning of the Laguerre tile candidate lists (``voronoi._may_matter``): labels
   from the pruned lists against a brute-force NumPy evaluation of every seed and image, and the
-  bound itself against brute-force minima of the radical-line distance.
+  bound itself against brute-force minima of the radical-line distance;
+* ``warp.label_warped_grains`` (neighbour walk: grains, normals and image-space distance in one
+  pass) against ``Tessellation.label`` + ``warp.image_space_distance``, and
+  ``warp.walk_grain_ids`` against ``Tessellation.label``'s ids, for any thread count.
 """
 
 from __future__ import annotations
@@ -164,3 +167,61 @@ def test_may_matter_bound_is_a_lower_bound(rng):
             d = (pw[:, q] - pw[np.arange(len(o)), o]) / (2 * sep)
             assert d.min() >= cap
     assert ruled_out > 50  # the bound does prune
+
+
+def _threads(fn):
+    """``fn()`` under 1 and under all Numba threads."""
+    import numba
+
+    old = numba.get_num_threads()
+    out = []
+    try:
+        for t in sorted({1, numba.config.NUMBA_NUM_THREADS}):
+            numba.set_num_threads(t)
+            out.append(fn())
+    finally:
+        numba.set_num_threads(old)
+    return out
+
+
+@pytest.mark.parametrize("sigma", [0.0, 0.6])
+def test_warped_label_walk_bitwise_equals_tiles_and_image_distance(rng, sigma):
+    from generators.substructure import cell_polygons
+    from generators.warp import (CellNeighbours, image_space_distance, label_warped_grains,
+                                 walk_grain_ids)
+
+    tess = _specimen(rng, n=170, ext=(320.0, 280.0), sigma=sigma)  # the pipeline's grain size
+    nb = CellNeighbours.from_polygons(cell_polygons(tess), tess.weights)
+    cm = Warp(amplitude_px=(3, 3), correlation_px=(20, 20), elongation=(1.5, 1.5),
+              angle_deg=(20, 20)).sample_specimen(np.random.default_rng(8), tess.extent)
+    # a frame sticking out of the specimen on every side (periodic wrap), sub-pixel offsets
+    yy, xx = np.mgrid[-40:240.0, -30:270.0] + 0.37
+    qx, qy, jac = cm.apply(xx, yy)
+    cap_q, cap = 9.0, 6.0
+    gid, dq = tess.label(qx, qy, max_distance=cap_q)
+    ref = image_space_distance(nb, qx, qy, gid, dq, jac, cap_q, cap)
+    runs = _threads(lambda: label_warped_grains(tess, nb, qx, qy, jac, cap_q, cap))
+    for g, d in runs:
+        assert g.dtype == np.int32 and d.dtype == np.float32 and g.shape == qx.shape
+        assert np.array_equal(g, gid)
+        assert d.tobytes() == ref.tobytes()
+    assert (ref < cap).mean() > 0.3  # real distances, not only the cap
+    # ids alone at scattered points (each chunk starts afresh; far jumps walk or fall back)
+    px = rng.uniform(-300, 500, 5000)
+    py = rng.uniform(-300, 400, 5000)
+    for g in _threads(lambda: walk_grain_ids(tess, nb, px, py)):
+        assert np.array_equal(g, tess.label(px, py, max_distance=cap_q)[0])
+
+
+def test_warped_label_walk_declines_where_it_does_not_apply(rng):
+    from generators.substructure import cell_polygons
+    from generators.warp import CellNeighbours, label_warped_grains
+
+    q = np.zeros((2, 2))
+    jac = np.broadcast_to(np.eye(2), (2, 2, 2, 2))
+    flat = _specimen(rng, periodic=False)
+    nb = CellNeighbours.from_polygons(cell_polygons(flat), flat.weights)
+    assert label_warped_grains(flat, nb, q, q, jac, 5.0, 4.0) is None
+    few = _specimen(rng, n=3)  # cells of about half the specimen: neighbour images not unique
+    nb = CellNeighbours.from_polygons(cell_polygons(few), few.weights)
+    assert label_warped_grains(few, nb, q, q, jac, 5.0, 4.0) is None

@@ -482,9 +482,15 @@ class SEMGrainPipeline:
             st.stretch_max = _stretch_bound(st.cmap, tess.extent)
             feat["warp"] = st.cmap.to_dict()
         if fs.subgrains is not None:
+            grain_of = None
+            if st.neighbours is not None:  # label_field's neighbour walk: no tile lists at all
+                from generators.warp import walk_grain_ids
+                if walk_grain_ids(tess, st.neighbours, np.zeros(1), np.zeros(1)) is not None:
+                    def grain_of(x, y, tess=tess, cells=st.neighbours):
+                        return walk_grain_ids(tess, cells, x, y)
             st.subgrains = fs.subgrains.sample_specimen(  # label_cap: label_field's tile lists
                 _child(keys, _SPECIMEN_SLOTS, "subgrains"), tess, polygons=polygons,
-                label_cap=self.distance_cap * st.stretch_max)
+                label_cap=self.distance_cap * st.stretch_max, grain_of=grain_of)
             feat["subgrains"] = st.subgrains.to_dict()
         if fs.gradients is not None:
             st.gradients = fs.gradients.sample_specimen(
@@ -511,10 +517,17 @@ class SEMGrainPipeline:
             qx, qy, jac = st.cmap.apply(x, y)
             smax = st.stretch_max  # one cap per specimen: the tile lists are built once
         cap_q = cap * smax
-        gid, dist = tess.label(qx, qy, max_distance=cap_q)
-        if jac is not None:  # normals of the nearest radical lines and d_p in one pass
-            from generators.warp import image_space_distance
-            dist = image_space_distance(st.neighbours, qx, qy, gid, dist, jac, cap_q, cap)
+        fused = None
+        if jac is not None:  # grains, normals and d_p in one pass by a neighbour walk
+            from generators.warp import label_warped_grains
+            fused = label_warped_grains(tess, st.neighbours, qx, qy, jac, cap_q, cap)
+        if fused is not None:
+            gid, dist = fused
+        else:
+            gid, dist = tess.label(qx, qy, max_distance=cap_q)
+            if jac is not None:  # normals of the nearest radical lines and d_p in one pass
+                from generators.warp import image_space_distance
+                dist = image_space_distance(st.neighbours, qx, qy, gid, dist, jac, cap_q, cap)
         out.update(qx=qx, qy=qy, grain_id=gid, distance=dist)
         if st.twins is not None:
             tcap_q = self.twin_cap * smax
