@@ -227,6 +227,39 @@ def test_tile_owner_lists_match_brute_force(rng, tile_divisor, periodic, sigma):
     np.testing.assert_allclose(dist, np.minimum(ref_d, 5.0), rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("periodic", [False, True])
+@pytest.mark.parametrize("sigma", [0.0, 0.8])
+def test_lazy_tile_lists_give_the_labels_of_the_complete_lists(rng, periodic, sigma, monkeypatch):
+    """Tiles are built as frames reach them (their bounding box, or the kernel's fallback for
+    points found outside it): labels equal, bit for bit, those of lists built all at once."""
+    extent = (400.0, 300.0)
+    n = 160
+    seeds = poisson_seeds(rng, n, extent)
+    weights = lognormal_weights(rng, n, 27.0, sigma) if sigma > 0 else None
+    cap = 6.0
+    frames = []
+    yy, xx = np.mgrid[0:64, 0:80].astype(np.float64)
+    for _ in range(5):  # frames at random offsets (beyond the box too), with jitter and drift
+        off = rng.uniform(-100.0, 450.0, 2)
+        frames.append((xx + off[0] + 0.01 * yy + rng.normal(0, 0.3, (64, 1)), yy + off[1]))
+    frames.append((rng.uniform(-50, 450, 500), rng.uniform(-50, 350, 500)))  # scattered
+    full = Tessellation(seeds, extent, weights=weights, periodic=periodic)
+    full._tile_lists(cap)
+    lazy = Tessellation(seeds, extent, weights=weights, periodic=periodic)
+    fallback = Tessellation(seeds, extent, weights=weights, periodic=periodic)
+    for x, y in frames:
+        want = full.label(x, y, max_distance=cap)
+        got = lazy.label(x, y, max_distance=cap)
+        with monkeypatch.context() as m:  # no box: every tile through the kernel's fallback
+            m.setattr(type(fallback._tile_pool(cap)), "build_box", lambda self, *a: None)
+            got_fb = fallback.label(x, y, max_distance=cap)
+        for g in (got, got_fb):
+            np.testing.assert_array_equal(g[0], want[0])
+            np.testing.assert_array_equal(g[1], want[1])
+    pool = lazy._tile_pool(cap)
+    assert 0 < pool.n_built <= pool.tnx * pool.tny
+
+
 def _min_image_power(pts, s, w, extent, periodic):
     d = pts - s
     if periodic:
