@@ -891,13 +891,18 @@ class _TilePool:
         sc.update(xyw=xyw, ids=ids, dc=dc, s_xyw=s_xyw, s_id=s_id, s_lc=s_lc, s_lines=s_lines)
         no = self.n_owners + int(ocount.sum())
         nl = self.n_lines + int(tlines.sum())
-        if no > self.oid.shape[0]:  # grow geometrically: appending costs O(1) per owner
-            size = max(no, 2 * self.oid.shape[0])
+        # the first batch sizes the pools for every tile (pages never written are never
+        # faulted in, so the reserve costs nothing); later growth is geometric
+        nt = self.tnx * self.tny
+        full = self.n_built + int(tiles.size)
+        if no > self.oid.shape[0]:
+            size = max(no, 2 * self.oid.shape[0], int(1.25 * no * nt / full))
             self.oxyw = _grown(self.oxyw, size, self.n_owners)
             self.oid = _grown(self.oid, size, self.n_owners)
             self.lrange = _grown(self.lrange, size, self.n_owners)
         if nl > self.lines.shape[0]:
-            self.lines = _grown(self.lines, max(nl, 2 * self.lines.shape[0]), self.n_lines)
+            size = max(nl, 2 * self.lines.shape[0], int(1.25 * nl * nt / full))
+            self.lines = _grown(self.lines, size, self.n_lines)
         _pack_owners(tiles, ocount, tlines, co, cl, s_xyw, s_id, s_lc, s_lines,
                      self.n_owners, self.n_lines, self.trange, self.oxyw, self.oid, self.lrange,
                      self.lines)
