@@ -232,7 +232,8 @@ def detect(
     # float32 is read as is (each value is widened exactly to float64 in the kernel)
     sig = np.ascontiguousarray(signal, dtype=np.float32 if signal.dtype == np.float32
                                else np.float64)
-    if np.any(sig < 0) or not np.all(np.isfinite(sig)):
+    lo, hi = (float(sig.min()), float(sig.max())) if sig.size else (0.0, 0.0)
+    if not (lo >= 0.0 and hi < math.inf):  # (min and max propagate NaN)
         raise ValueError("signal must be finite and >= 0")
     vmax = float(2**bit_depth - 1)
     if saturation is not None:
