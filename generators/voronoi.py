@@ -851,7 +851,9 @@ class _TilePool:
     points fall in (a frame sees part of a larger specimen).  ``trange[k]`` is the owner range
     of tile ``k`` in the pools (``-1``: not built); owners (``oxyw``, ``oid``, ``lrange``) and
     lines are appended as tiles are built.  A tile's lists depend on the tile alone, so the
-    labels do not depend on which tiles were built before, or in which batches."""
+    labels do not depend on which tiles were built before, or in which batches.  ``lock``
+    serialises building and labelling from several Python threads (a build may reallocate
+    the pools a concurrent kernel reads)."""
 
     def __init__(self, grid: tuple, extent: tuple[float, float], periodic: bool, cap: float,
                  tnx: int, tny: int) -> None:
@@ -869,6 +871,7 @@ class _TilePool:
         self.n_owners = 0
         self.n_lines = 0
         self.n_built = 0
+        self.lock = threading.Lock()
 
     @property
     def complete(self) -> bool:
@@ -942,6 +945,7 @@ class _TilePool:
 
 
 _SCRATCH = threading.local()
+_POOL_LOCK = threading.Lock()
 
 
 def _scratch() -> dict:
@@ -1043,20 +1047,29 @@ class Tessellation:
         """The (lazily built) tile owner lists for boundary distances below ``cap`` (cached)."""
         pool = self._tiles.get(cap)
         if pool is None:
-            lx, ly = self.extent
-            spacing = math.sqrt(lx * ly / self.n_seeds)
-            side = max(2.0, spacing / self.tile_divisor)
-            tnx = max(1, int(round(lx / side)))
-            tny = max(1, int(round(ly / side)))
-            pool = self._tiles[cap] = _TilePool(self._grid, self.extent, bool(self.periodic),
-                                                cap, tnx, tny)
+            with _POOL_LOCK:  # one pool per cap, also when threads ask at once
+                pool = self._tiles.get(cap)
+                if pool is None:
+                    pool = self._new_pool(cap)
+        return pool
+
+    def _new_pool(self, cap: float) -> _TilePool:
+        """An empty tile pool for ``cap`` (tiles of about a quarter of the seed spacing)."""
+        lx, ly = self.extent
+        spacing = math.sqrt(lx * ly / self.n_seeds)
+        side = max(2.0, spacing / self.tile_divisor)
+        tnx = max(1, int(round(lx / side)))
+        tny = max(1, int(round(ly / side)))
+        pool = self._tiles[cap] = _TilePool(self._grid, self.extent, bool(self.periodic), cap,
+                                            tnx, tny)
         return pool
 
     def _tile_lists(self, cap: float) -> tuple:
         """Every tile's owner lists for boundary distances below ``cap``, all built (cached):
         ``(tnx, tny, trange, oxyw, oid, lrange, lines)``."""
         pool = self._tile_pool(cap)
-        pool.build_all()
+        with pool.lock:
+            pool.build_all()
         return (pool.tnx, pool.tny, pool.trange, pool.oxyw, pool.oid, pool.lrange, pool.lines)
 
     @property
@@ -1113,16 +1126,18 @@ def label_points(
         _label_kernel(xs, ys, sx, sy, sw, sid, start, nx, ny, hx, hy, lx, ly, periodic, cap, gid, dist)
     else:
         pool = tess._tile_pool(cap)
-        if not pool.complete:  # the tiles of the points' bounding box
-            pool.build_box(*bounds)
-        need = np.zeros(pool.tnx * pool.tny, dtype=np.uint8)
-        outside, missing = _tile_kernel(xs, ys, pool.tnx, pool.tny, lx, ly, periodic, cap,
-                                        pool.trange, pool.oxyw, pool.oid, pool.lrange,
-                                        pool.lines, gid, dist, need, False)
-        if missing:  # tiles outside the box after rounding: build them, label those points
-            pool.build(np.flatnonzero(need))
-            _tile_kernel(xs, ys, pool.tnx, pool.tny, lx, ly, periodic, cap, pool.trange,
-                         pool.oxyw, pool.oid, pool.lrange, pool.lines, gid, dist, need, True)
+        with pool.lock:
+            if not pool.complete:  # the tiles of the points' bounding box
+                pool.build_box(*bounds)
+            need = np.zeros(pool.tnx * pool.tny, dtype=np.uint8)
+            outside, missing = _tile_kernel(xs, ys, pool.tnx, pool.tny, lx, ly, periodic, cap,
+                                            pool.trange, pool.oxyw, pool.oid, pool.lrange,
+                                            pool.lines, gid, dist, need, False)
+            if missing:  # tiles outside the box after rounding: build them, label those points
+                pool.build(np.flatnonzero(need))
+                _tile_kernel(xs, ys, pool.tnx, pool.tny, lx, ly, periodic, cap, pool.trange,
+                             pool.oxyw, pool.oid, pool.lrange, pool.lines, gid, dist, need,
+                             True)
         if outside:  # non-periodic points beyond the specimen box: exact ring search
             idx = np.flatnonzero(gid < 0)
             _label_subset(idx, xs, ys, sx, sy, sw, sid, start, nx, ny, hx, hy, lx, ly, periodic,

@@ -283,3 +283,28 @@ def test_periodic_wrap_one_and_many_periods_out(rng):
         same &= (y + ky * extent[1]) - ky * extent[1] == y
         assert np.array_equal(g[same], g0[same])
         np.testing.assert_allclose(d, d0, rtol=0, atol=1e-9)
+
+
+def test_lazy_tile_lists_from_concurrent_threads(rng):
+    """Python threads labelling frames of one tessellation at once (e.g. a multi-threaded Dask
+    worker sharing a pipeline) build its tile pool under a lock: the labels of each frame equal
+    those of a tessellation with every tile built up front."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    extent = (600.0, 600.0)
+    seeds = poisson_seeds(rng, 300, extent)
+    full = Tessellation(seeds, extent)
+    full._tile_lists(6.0)
+    shared = Tessellation(seeds, extent)
+    yy, xx = np.mgrid[0:96, 0:96].astype(np.float64)
+    offs = rng.uniform(0, 600, (16, 2))
+
+    def one(o):
+        return shared.label(xx + o[0], yy + o[1], max_distance=6.0)
+
+    with ThreadPoolExecutor(4) as ex:
+        got = list(ex.map(one, offs))
+    for o, (g, d) in zip(offs, got):
+        wg, wd = full.label(xx + o[0], yy + o[1], max_distance=6.0)
+        np.testing.assert_array_equal(g, wg)
+        np.testing.assert_array_equal(d, wd)
