@@ -11,8 +11,10 @@ One run prints:
    a cheaper, less exact problem (the exact distance needs every radical line, not only the
    second-nearest seed's; see ``generators/voronoi.py``). How often its answers differ is
    printed too. Median of ``--repeats`` calls after warm-up; the tile lists that emtwin builds
-   once per tessellation (and caches) are timed separately, since the pipeline builds them once
-   per specimen (every ``samples/specimens`` samples).
+   once per tessellation (and caches) are timed separately, all tiles at once, since the
+   pipeline builds them once per specimen (every ``samples/specimens`` samples; it builds only
+   the tiles its frames reach, about two thirds of them over a specimen's four frames, so the
+   amortised ratio below is a lower bound).
 2. **Full pipeline.** samples/s of ``twin.generate.generate_dataset`` on
    ``recipes/sem_voronoi_grains.yaml`` (image + grain_id + boundary to HDF5, the recipe's
    compression unless noted) against a plain NumPy/SciPy baseline written here (cKDTree labels,

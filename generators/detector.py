@@ -87,26 +87,37 @@ def _detect_full_kernel(signal, dose, gain, readout, offset, vmax, key, row_off,
     # lag_a = 0 give the basic Poisson–Gaussian model (the offsets add exact zeros).
     h, w = signal.shape
     b = 1.0 - lag_a
-    for r in prange(h):
-        start = stream_start(key, r)
+    rows_per_block = 16  # row buffers allocated once per block of rows, not per row
+    for blk in prange((h + rows_per_block - 1) // rows_per_block):
         lam = np.empty(w, dtype=np.float64)
         ne = np.empty(w, dtype=np.float64)
-        z = np.zeros(w, dtype=np.float64)
+        z = np.zeros(w, dtype=np.float64)  # stays 0 without readout noise
         scratch = np.empty(w, dtype=np.int64)
+        for r in range(blk * rows_per_block, min(h, (blk + 1) * rows_per_block)):
+            _detect_row(signal, r, dose, gain, readout, offset, vmax, key, row_off, col_off,
+                        lag_a, b, lam, ne, z, scratch, out)
+
+
+@njit(cache=True, inline="always", error_model="numpy")
+def _detect_row(signal, r, dose, gain, readout, offset, vmax, key, row_off, col_off, lag_a, b,
+                lam, ne, z, scratch, out):
+    """Row ``r`` of :func:`_detect_full_kernel` (its own stream; buffers of length W)."""
+    w = signal.shape[1]
+    start = stream_start(key, r)
+    for c in range(w):
+        lam[c] = dose * signal[r, c]
+    poisson_row(start, lam, ne, scratch)
+    if lag_a > 0.0:
+        y = lam[0]
         for c in range(w):
-            lam[c] = dose * signal[r, c]
-        poisson_row(start, lam, ne, scratch)
-        if lag_a > 0.0:
-            y = lam[0]
-            for c in range(w):
-                y = lag_a * y + b * ne[c]
-                ne[c] = y
-        if readout > 0.0:
-            normal_row(substream(start, _NORMAL_BLOCK), z, scratch)
-        o_r = offset + row_off[r]
-        for c in range(w):
-            v = math.floor(gain * ne[c] + (o_r + col_off[c]) + readout * z[c] + 0.5)
-            out[r, c] = np.uint16(min(max(v, 0.0), vmax))
+            y = lag_a * y + b * ne[c]
+            ne[c] = y
+    if readout > 0.0:
+        normal_row(substream(start, _NORMAL_BLOCK), z, scratch)
+    o_r = offset + row_off[r]
+    for c in range(w):
+        v = math.floor(gain * ne[c] + (o_r + col_off[c]) + readout * z[c] + 0.5)
+        out[r, c] = np.uint16(min(max(v, 0.0), vmax))
 
 
 def lag_coefficient(lag_px: float) -> float:
@@ -221,7 +232,8 @@ def detect(
     # float32 is read as is (each value is widened exactly to float64 in the kernel)
     sig = np.ascontiguousarray(signal, dtype=np.float32 if signal.dtype == np.float32
                                else np.float64)
-    if np.any(sig < 0) or not np.all(np.isfinite(sig)):
+    lo, hi = (float(sig.min()), float(sig.max())) if sig.size else (0.0, 0.0)
+    if not (lo >= 0.0 and hi < math.inf):  # (min and max propagate NaN)
         raise ValueError("signal must be finite and >= 0")
     vmax = float(2**bit_depth - 1)
     if saturation is not None:

@@ -43,6 +43,9 @@ def _gaussian_weights(sigma_px: float, radius: int) -> np.ndarray:
     return phi / phi.sum()
 
 
+_ROWS = 16  # rows per parallel chunk of the separable filters
+
+
 @njit(cache=True, inline="always")
 def _reflect(i, n):
     """'reflect' (half-sample symmetric) index for -n <= i < 2n."""
@@ -58,19 +61,20 @@ def _correlate_rows(src, fw, radius, out):
     """Symmetric correlation along axis 0 (reflect), accumulated in double as scipy does:
     ``o = s[0]·w[0]``, then ``o += (s[-j] + s[+j])·w[j]`` for ``j = radius … 1``."""
     h, w = src.shape
-    for r in prange(h):
-        acc = np.empty(w)
-        w0 = fw[radius]
-        for c in range(w):
-            acc[c] = np.float64(src[r, c]) * w0
-        for j in range(radius, 0, -1):
-            a = src[_reflect(r - j, h)]
-            b = src[_reflect(r + j, h)]
-            wj = fw[radius - j]
+    for blk in prange((h + _ROWS - 1) // _ROWS):
+        acc = np.empty(w)  # one buffer per block of rows (allocations per row cost)
+        for r in range(blk * _ROWS, min(h, (blk + 1) * _ROWS)):
+            w0 = fw[radius]
             for c in range(w):
-                acc[c] += (np.float64(a[c]) + np.float64(b[c])) * wj
-        for c in range(w):
-            out[r, c] = np.float32(acc[c])
+                acc[c] = np.float64(src[r, c]) * w0
+            for j in range(radius, 0, -1):
+                a = src[_reflect(r - j, h)]
+                b = src[_reflect(r + j, h)]
+                wj = fw[radius - j]
+                for c in range(w):
+                    acc[c] += (np.float64(a[c]) + np.float64(b[c])) * wj
+            for c in range(w):
+                out[r, c] = np.float32(acc[c])
 
 
 @njit(parallel=True, cache=True)
@@ -79,22 +83,23 @@ def _correlate_cols(src, fw, radius, out):
     are the outer loop so the inner loop runs along the line (vectorised), with every pixel's
     sum taken in the same order as before."""
     h, w = src.shape
-    for r in prange(h):
-        buf = np.empty(w + 2 * radius)
-        for c in range(-radius, w + radius):
-            buf[c + radius] = np.float64(src[r, _reflect(c, w)])
+    for blk in prange((h + _ROWS - 1) // _ROWS):
+        buf = np.empty(w + 2 * radius)  # buffers per block of rows, not per row
         acc = np.empty(w)
-        w0 = fw[radius]
-        for c in range(w):
-            acc[c] = buf[c + radius] * w0
-        for j in range(radius, 0, -1):
-            wj = fw[radius - j]
-            lo = buf[radius - j:radius - j + w]
-            hi = buf[radius + j:radius + j + w]
+        for r in range(blk * _ROWS, min(h, (blk + 1) * _ROWS)):
+            for c in range(-radius, w + radius):
+                buf[c + radius] = np.float64(src[r, _reflect(c, w)])
+            w0 = fw[radius]
             for c in range(w):
-                acc[c] += (lo[c] + hi[c]) * wj
-        for c in range(w):
-            out[r, c] = np.float32(acc[c])
+                acc[c] = buf[c + radius] * w0
+            for j in range(radius, 0, -1):
+                wj = fw[radius - j]
+                lo = buf[radius - j:radius - j + w]
+                hi = buf[radius + j:radius + j + w]
+                for c in range(w):
+                    acc[c] += (lo[c] + hi[c]) * wj
+            for c in range(w):
+                out[r, c] = np.float32(acc[c])
 
 
 def _gaussian_filter_float32(x: np.ndarray, sigma_px: float, radius: int) -> np.ndarray:

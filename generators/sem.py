@@ -25,6 +25,7 @@ __all__ = ["ChannellingContrast", "ChannellingParams", "groove_signal", "boundar
            "shaded_signal", "FWHM_TO_SIGMA"]
 
 FWHM_TO_SIGMA = 1.0 / (2.0 * math.sqrt(2.0 * math.log(2.0)))
+_BLOCK = 4096  # pixels per parallel chunk of the signal kernels
 
 
 @njit(parallel=True, cache=True)
@@ -91,37 +92,57 @@ def _shaded_kernel(gid, dist, intensity, sigma, depth, use_twin, tdist, tsigma, 
     inv = 0.5 / (sigma * sigma) if sigma > 0.0 else 0.0
     tinv = 0.5 / (tsigma * tsigma) if tsigma > 0.0 else 0.0
     sinv = 0.5 / (ssigma * ssigma) if ssigma > 0.0 else 0.0
-    for i in prange(n):
-        d = dist[i]
-        v = intensity[gid[i]]
-        if sigma > 0.0 and depth > 0.0:
-            v *= 1.0 - depth * math.exp(-d * d * inv)
-        sig = np.float32(v)
-        have = False
-        f = np.float32(1.0)
-        if use_twin:
-            td = tdist[i]
-            f = np.float32(1.0 - tdepth * math.exp(-td * td * tinv) if tsigma > 0.0 else 1.0)
-            have = True
-        if use_sub:
-            w = 1.0 + sdelta[sid[i]]
-            if ssigma > 0.0 and sdepth > 0.0:
-                sd = sdist[i]
-                w *= 1.0 - sdepth * math.exp(-sd * sd * sinv)
-            fs = np.float32(w)
-            f = f * fs if have else fs
-            have = True
-        if use_grad:
-            g = ggid[i]
-            dx = xs[i] - gorig[g, 0]
-            dy = ys[i] - gorig[g, 1]
-            if periodic:
-                dx = min_image(dx, lx)
-                dy = min_image(dy, ly)
-            fg = np.float32(max(1.0 + gslope[g, 0] * dx + gslope[g, 1] * dy, 0.0))
-            f = f * fg if have else fg
-            have = True
-        out[i] = sig * f if have else sig
+    groove = sigma > 0.0 and depth > 0.0
+    nblk = (n + _BLOCK - 1) // _BLOCK
+    for blk in prange(nblk):
+        # the groove factor of the previous pixel is reused when its distance repeats (every
+        # pixel at the distance cap): the same expression of the same value, so the same bits
+        last_d = np.float32(np.nan)
+        last_f = 1.0
+        for i in range(blk * _BLOCK, min(n, (blk + 1) * _BLOCK)):
+            d = dist[i]
+            v = intensity[gid[i]]
+            if groove:
+                if d != last_d:
+                    last_f = 1.0 - depth * math.exp(-d * d * inv)
+                    last_d = d
+                v *= last_f
+            sig = np.float32(v)
+            _shaded_factors(i, sig, use_twin, tdist, tinv, tsigma, tdepth, use_sub, sid, sdist,
+                            sdelta, ssigma, sdepth, sinv, use_grad, xs, ys, ggid, gorig, gslope,
+                            lx, ly, periodic, out)
+
+
+@njit(cache=True, inline="always")
+def _shaded_factors(i, sig, use_twin, tdist, tinv, tsigma, tdepth, use_sub, sid, sdist, sdelta,
+                    ssigma, sdepth, sinv, use_grad, xs, ys, ggid, gorig, gslope, lx, ly, periodic,
+                    out):
+    """``out[i] = sig · (f_twin · f_sub · f_grad)`` (float32, absent factors left out)."""
+    have = False
+    f = np.float32(1.0)
+    if use_twin:
+        td = tdist[i]
+        f = np.float32(1.0 - tdepth * math.exp(-td * td * tinv) if tsigma > 0.0 else 1.0)
+        have = True
+    if use_sub:
+        w = 1.0 + sdelta[sid[i]]
+        if ssigma > 0.0 and sdepth > 0.0:
+            sd = sdist[i]
+            w *= 1.0 - sdepth * math.exp(-sd * sd * sinv)
+        fs = np.float32(w)
+        f = f * fs if have else fs
+        have = True
+    if use_grad:
+        g = ggid[i]
+        dx = xs[i] - gorig[g, 0]
+        dy = ys[i] - gorig[g, 1]
+        if periodic:
+            dx = min_image(dx, lx)
+            dy = min_image(dy, ly)
+        fg = np.float32(max(1.0 + gslope[g, 0] * dx + gslope[g, 1] * dy, 0.0))
+        f = f * fg if have else fg
+        have = True
+    out[i] = sig * f if have else sig
 
 
 def _flat(a, dtype):

@@ -24,8 +24,10 @@ once per tessellation and cap, every tile gets its candidate seeds (all that can
 tile or have a radical line within the cap of it), its *owners* (the candidates that can be nearest
 somewhere in the closed tile, a tested superset) and, per owner, its radical lines as affine
 functions of the point sorted by their minimum over the tile.  A point then costs one power distance
-per owner of its tile (most tiles have one) and the few lines that can still be closer than the
-best found.
+per owner of its tile (1.7 on average) and the few lines that can still be closer than the best
+found.  Tiles are built lazily, the first time a point falls in them: a frame sees a quarter of
+the recipe's specimen (``specimen_scale: 2``), and its four frames together about two thirds.  A
+tile's lists depend on the tile alone, so the labels do not depend on what was built before.
 
 Points are independent, so the parallel loop gives identical results for any thread count.
 """
@@ -33,6 +35,7 @@ Points are independent, so the parallel loop gives identical results for any thr
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -506,10 +509,15 @@ def _sort_lines(lines, a, b):
 
 
 @njit(parallel=True, cache=True)
-def _build_tiles(sx, sy, sw, sid, start, nx, ny, hx, hy, lx, ly, periodic, cap, tnx, tny):
+def _build_tiles(sx, sy, sw, sid, start, nx, ny, hx, hy, lx, ly, periodic, cap, tnx, tny, tiles,
+                 xyw, ids, dc):
+    """Candidate lists of the tiles ``tiles`` (ids ``ty·tnx + tx``): tile ``m`` of the list
+    has ``tcount[m]`` candidates from slot ``tstart[m]``, sorted by distance to the tile.
+    ``xyw``, ``ids``, ``dc``: scratch arrays, used if long enough (else new ones); returns
+    ``(tstart, tcount, xyw, ids, dc)``."""
     thx = lx / tnx
     thy = ly / tny
-    nt = tnx * tny
+    nt = tiles.shape[0]
     radius = np.empty(nt)
     ubound = np.empty(nt)
     # plain Voronoi (all w = 0): every seed within the radius may matter, no pruning
@@ -519,10 +527,8 @@ def _build_tiles(sx, sy, sw, sid, start, nx, ny, hx, hy, lx, ly, periodic, cap, 
             weighted = True
             break
     counts = np.zeros(nt + 1, dtype=np.int64)
-    dummy_xyw = np.empty((0, 3))
-    dummy_id = np.empty(0, dtype=np.int32)
-    dummy_dc = np.empty(0)
-    for k in prange(nt):  # tiles are independent: any thread count gives the same lists
+    for m in prange(nt):  # tiles are independent: any thread count gives the same lists
+        k = tiles[m]
         ty = k // tnx
         tx = k - ty * tnx
         x0 = tx * thx
@@ -532,26 +538,54 @@ def _build_tiles(sx, sy, sw, sid, start, nx, ny, hx, hy, lx, ly, periodic, cap, 
         u = _tile_upper_bound(sx, sy, sw, start, nx, ny, hx, hy, lx, ly, periodic, x0, y0, x1, y1)
         # every seed that can be nearest, or whose radical line can lie closer than cap
         r = 2.0 * cap + math.sqrt(max(u, 0.0)) + 1e-9 * (1.0 + cap)
-        radius[k] = r
-        ubound[k] = u if weighted else np.inf
-        counts[k + 1] = _tile_scan(sx, sy, sw, sid, start, nx, ny, hx, hy, lx, ly, periodic,
-                                   x0, y0, x1, y1, r, False, dummy_xyw, dummy_id, dummy_dc, 0,
-                                   ubound[k], cap)
+        radius[m] = r
+        ubound[m] = u if weighted else np.inf
+        # a slot for every seed of the grid cells the scan visits (a bound, so one scan fills)
+        counts[m + 1] = _window_seeds(start, nx, ny, hx, hy, periodic, x0, y0, x1, y1, r)
     tstart = np.cumsum(counts)
-    m = tstart[-1]
-    xyw = np.empty((m, 3))
-    ids = np.empty(m, dtype=np.int32)
-    dc = np.empty(m)
-    for k in prange(nt):
+    mm = tstart[-1]
+    if xyw.shape[0] < mm:  # fresh memory is page-faulted in: reuse the caller's scratch
+        xyw = np.empty((mm + mm // 4, 3))
+    if ids.shape[0] < mm:
+        ids = np.empty(mm + mm // 4, dtype=np.int32)
+    if dc.shape[0] < mm:
+        dc = np.empty(mm + mm // 4)
+    tcount = np.empty(nt, dtype=np.int64)
+    for m in prange(nt):
+        k = tiles[m]
         ty = k // tnx
         tx = k - ty * tnx
         x0 = tx * thx
         y0 = ty * thy
-        _tile_scan(sx, sy, sw, sid, start, nx, ny, hx, hy, lx, ly, periodic,
-                   x0, y0, x0 + thx, y0 + thy, radius[k], True, xyw, ids, dc, tstart[k],
-                   ubound[k], cap)
-        _sort_candidates(xyw, ids, dc, tstart[k], tstart[k + 1])
-    return tstart, xyw, ids, dc
+        c = _tile_scan(sx, sy, sw, sid, start, nx, ny, hx, hy, lx, ly, periodic,
+                       x0, y0, x0 + thx, y0 + thy, radius[m], True, xyw, ids, dc, tstart[m],
+                       ubound[m], cap)
+        tcount[m] = c
+        _sort_candidates(xyw, ids, dc, tstart[m], tstart[m] + c)
+    return tstart, tcount, xyw, ids, dc
+
+
+@njit(cache=True)
+def _window_seeds(start, nx, ny, hx, hy, periodic, x0, y0, x1, y1, radius):
+    """Number of seeds (with periodic images) in the grid cells :func:`_tile_scan` visits for
+    this rectangle and radius: a bound on the candidates it finds."""
+    jx0 = int(math.floor((x0 - radius) / hx))
+    jx1 = int(math.floor((x1 + radius) / hx))
+    jy0 = int(math.floor((y0 - radius) / hy))
+    jy1 = int(math.floor((y1 + radius) / hy))
+    if not periodic:
+        jx0 = max(jx0, 0)
+        jy0 = max(jy0, 0)
+        jx1 = min(jx1, nx - 1)
+        jy1 = min(jy1, ny - 1)
+    count = 0
+    for jy in range(jy0, jy1 + 1):
+        gy, _ = _wrap_cell(jy, ny)
+        for jx in range(jx0, jx1 + 1):
+            gx, _ = _wrap_cell(jx, nx)
+            c = gy * nx + gx
+            count += start[c + 1] - start[c]
+    return count
 
 
 @njit(cache=True, inline="always")
@@ -650,72 +684,94 @@ def _tile_owner_lines(a, b, xyw, dc, x0, y0, x1, y1, cap, fill, oxyw, oid, ids, 
 
 
 @njit(parallel=True, cache=True)
-def _build_owners(tstart, xyw, ids, dc, tnx, tny, lx, ly, cap):
-    """Per tile: owners (``ostart``, ``oxyw``, ``oid``) and per owner its lines (``lstart``).
-
-    One pass computes every tile into slots sized by a cheap bound (owners ≤ candidates within
-    U, lines ≤ owners × (candidates − 1)); a second pass packs them."""
+def _build_owners(tiles, tstart, tcount, xyw, ids, dc, tnx, tny, lx, ly, cap, s_xyw, s_id,
+                  s_lc, s_lines):
+    """Owners of the tiles ``tiles`` and per owner its lines, each tile computed into slots
+    sized by a cheap bound (owners ≤ candidates within U, lines ≤ owners × (candidates − 1));
+    :func:`_pack_owners` packs them.  ``s_xyw``, ``s_id``, ``s_lc``, ``s_lines``: scratch
+    slot arrays, used if long enough.  Returns (owners per tile, lines per tile, owner slot
+    starts, line slot starts, slot xyw, slot ids, slot line counts, slot lines)."""
     thx = lx / tnx
     thy = ly / tny
-    nt = tnx * tny
+    nt = tiles.shape[0]
     cap_o = np.zeros(nt + 1, dtype=np.int64)
     cap_l = np.zeros(nt + 1, dtype=np.int64)
-    for k in prange(nt):
+    for m in prange(nt):
+        k = tiles[m]
         ty = k // tnx
         tx = k - ty * tnx
-        a = tstart[k]
-        b = tstart[k + 1]
+        a = tstart[m]
+        b = a + tcount[m]
         u = _tile_u(a, b, xyw, tx * thx, ty * thy, (tx + 1) * thx, (ty + 1) * thy)
         nu = 0
         for q in range(a, b):
             if not dc[q] * dc[q] - xyw[q, 2] > u:
                 nu += 1
-        cap_o[k + 1] = nu
-        cap_l[k + 1] = nu * max(b - a - 1, 0)
+        cap_o[m + 1] = nu
+        cap_l[m + 1] = nu * max(b - a - 1, 0)
     co = np.cumsum(cap_o)
     cl = np.cumsum(cap_l)
-    s_xyw = np.empty((co[-1], 3))
-    s_id = np.empty(co[-1], dtype=np.int32)
-    s_lc = np.zeros(co[-1], dtype=np.int64)
-    s_lines = np.empty((cl[-1], 4))
-    ocount = np.zeros(nt + 1, dtype=np.int64)
-    tlines = np.zeros(nt + 1, dtype=np.int64)
-    for k in prange(nt):
+    no = co[-1]
+    if s_xyw.shape[0] < no:
+        s_xyw = np.empty((no + no // 4, 3))
+    if s_id.shape[0] < no:
+        s_id = np.empty(no + no // 4, dtype=np.int32)
+    if s_lc.shape[0] < no:
+        s_lc = np.empty(no + no // 4, dtype=np.int64)
+    if s_lines.shape[0] < cl[-1]:
+        s_lines = np.empty((cl[-1] + cl[-1] // 4, 4))
+    ocount = np.zeros(nt, dtype=np.int64)
+    tlines = np.zeros(nt, dtype=np.int64)
+    for m in prange(nt):
+        k = tiles[m]
         ty = k // tnx
         tx = k - ty * tnx
-        no, nl = _tile_owner_lines(tstart[k], tstart[k + 1], xyw, dc, tx * thx, ty * thy,
+        no, nl = _tile_owner_lines(tstart[m], tstart[m] + tcount[m], xyw, dc, tx * thx, ty * thy,
                                    (tx + 1) * thx, (ty + 1) * thy, cap, True, s_xyw, s_id, ids,
-                                   s_lc, s_lines, co[k], cl[k])
-        ocount[k + 1] = no
-        tlines[k + 1] = nl
-    ostart = np.cumsum(ocount)
-    tl = np.cumsum(tlines)
-    no_all = ostart[-1]
-    oxyw = np.empty((no_all, 3))
-    oid = np.empty(no_all, dtype=np.int32)
-    lcount = np.empty(no_all, dtype=np.int64)
-    lines = np.empty((tl[-1], 4))
-    for k in prange(nt):  # pack
-        for m in range(ocount[k + 1]):
-            src = co[k] + m
-            dst = ostart[k] + m
+                                   s_lc, s_lines, co[m], cl[m])
+        ocount[m] = no
+        tlines[m] = nl
+    return ocount, tlines, co, cl, s_xyw, s_id, s_lc, s_lines
+
+
+@njit(parallel=True, cache=True)
+def _pack_owners(tiles, ocount, tlines, co, cl, s_xyw, s_id, s_lc, s_lines, o0, l0,
+                 trange, oxyw, oid, lrange, lines):
+    """Append the owners and lines of :func:`_build_owners` to the pools from positions
+    ``o0`` / ``l0`` and point ``trange[k]`` (owner range of tile k) at them.  A tile's owners
+    are consecutive, in candidate order, and so are their lines (``lrange``: owner → range)."""
+    nt = tiles.shape[0]
+    ostart = np.empty(nt, dtype=np.int64)
+    lst = np.empty(nt, dtype=np.int64)
+    po = o0
+    pl = l0
+    for m in range(nt):
+        ostart[m] = po
+        lst[m] = pl
+        po += ocount[m]
+        pl += tlines[m]
+    for m in prange(nt):
+        k = tiles[m]
+        lpos = lst[m]
+        for q in range(ocount[m]):
+            src = co[m] + q
+            dst = ostart[m] + q
             oxyw[dst, 0] = s_xyw[src, 0]
             oxyw[dst, 1] = s_xyw[src, 1]
             oxyw[dst, 2] = s_xyw[src, 2]
             oid[dst] = s_id[src]
-            lcount[dst] = s_lc[src]
-        for m in range(tlines[k + 1]):
-            src = cl[k] + m
-            dst = tl[k] + m
+            lrange[dst, 0] = lpos
+            lpos += s_lc[src]
+            lrange[dst, 1] = lpos
+        for q in range(tlines[m]):
+            src = cl[m] + q
+            dst = lst[m] + q
             lines[dst, 0] = s_lines[src, 0]
             lines[dst, 1] = s_lines[src, 1]
             lines[dst, 2] = s_lines[src, 2]
             lines[dst, 3] = s_lines[src, 3]
-    lstart = np.empty(no_all + 1, dtype=np.int64)
-    lstart[0] = 0
-    for j in range(no_all):  # owners of a tile are consecutive, as are their lines
-        lstart[j + 1] = lstart[j] + lcount[j]
-    return ostart, oxyw, oid, lstart, lines
+        trange[k, 0] = ostart[m]
+        trange[k, 1] = ostart[m] + ocount[m]
 
 
 @njit(cache=True, inline="always")
@@ -734,11 +790,42 @@ def _wrap(x, lx):
     return x - lx * math.floor(x / lx)
 
 
+@njit(cache=True, inline="always")
+def _tile_point(x, y, inv_thx, inv_thy, tnx, tny, cap, trange, oxyw, oid, lrange, lines):
+    """Grain id, capped boundary distance and tile of one (wrapped) point from the tile lists;
+    a tile not built yet has the sentinel owner 0 (id ``-2``, no lines)."""
+    tx = min(int(x * inv_thx), tnx - 1)
+    ty = min(int(y * inv_thy), tny - 1)
+    k = ty * tnx + tx
+    a = trange[k, 0]
+    b = trange[k, 1]
+    j = a
+    if b - a > 1:  # nearest owner in power distance (first in candidate order on a tie)
+        best = np.inf
+        for t in range(a, b):
+            dx = x - oxyw[t, 0]
+            dy = y - oxyw[t, 1]
+            p = dx * dx + dy * dy - oxyw[t, 2]
+            if p < best:
+                best = p
+                j = t
+    bd = cap
+    for t in range(lrange[j, 0], lrange[j, 1]):
+        if lines[t, 0] >= bd:
+            break
+        d = lines[t, 1] * x + lines[t, 2] * y + lines[t, 3]
+        if d < bd:
+            bd = d
+    return oid[j], max(bd, 0.0), k
+
+
 @njit(parallel=True, cache=True)
-def _tile_kernel(xs, ys, tnx, tny, lx, ly, periodic, cap, ostart, oxyw, oid, lstart, lines,
+def _tile_kernel(xs, ys, tnx, tny, lx, ly, periodic, cap, trange, oxyw, oid, lrange, lines,
                  gid, dist):
     """Label points from the tile owner lists.  Non-periodic points outside the specimen box get
-    ``gid = -1`` (left to the ring search); returns how many there were."""
+    ``gid = -1`` (left to the ring search), points in a tile not built yet ``gid = -2`` (left
+    to :func:`_tile_fix`; not counted here: a per-point count costs ~4 % of the kernel).
+    Returns the number of points outside."""
     inv_thx = tnx / lx
     inv_thy = tny / ly
     n = xs.shape[0]
@@ -753,31 +840,178 @@ def _tile_kernel(xs, ys, tnx, tny, lx, ly, periodic, cap, ostart, oxyw, oid, lst
             gid[i] = -1
             outside += 1
             continue
-        tx = min(int(x * inv_thx), tnx - 1)
-        ty = min(int(y * inv_thy), tny - 1)
-        k = ty * tnx + tx
-        a = ostart[k]
-        b = ostart[k + 1]
-        j = a
-        if b - a > 1:  # nearest owner in power distance (first in candidate order on a tie)
-            best = np.inf
-            for t in range(a, b):
-                dx = x - oxyw[t, 0]
-                dy = y - oxyw[t, 1]
-                p = dx * dx + dy * dy - oxyw[t, 2]
-                if p < best:
-                    best = p
-                    j = t
-        bd = cap
-        for t in range(lstart[j], lstart[j + 1]):
-            if lines[t, 0] >= bd:
-                break
-            d = lines[t, 1] * x + lines[t, 2] * y + lines[t, 3]
-            if d < bd:
-                bd = d
-        gid[i] = oid[j]
-        dist[i] = max(bd, 0.0)
+        g, d, _ = _tile_point(x, y, inv_thx, inv_thy, tnx, tny, cap, trange, oxyw, oid, lrange,
+                              lines)
+        gid[i] = g
+        dist[i] = d
     return outside
+
+
+@njit(parallel=True, cache=True)
+def _tile_fix(xs, ys, tnx, tny, lx, ly, periodic, cap, trange, oxyw, oid, lrange, lines, gid,
+              dist, need, mark):
+    """The points :func:`_tile_kernel` left with ``gid = -2``: ``mark`` sets ``need[k] = 1``
+    for their tiles, else (once those are built) labels them."""
+    inv_thx = tnx / lx
+    inv_thy = tny / ly
+    for i in prange(xs.shape[0]):
+        if gid[i] != -2:
+            continue
+        x = xs[i]
+        y = ys[i]
+        if periodic:
+            x = _wrap(x, lx)
+            y = _wrap(y, ly)
+        g, d, k = _tile_point(x, y, inv_thx, inv_thy, tnx, tny, cap, trange, oxyw, oid, lrange,
+                              lines)
+        if mark:
+            need[k] = 1  # (threads may store the same 1 concurrently)
+        else:
+            gid[i] = g
+            dist[i] = d
+
+
+class _TilePool:
+    """Tile owner lists of one tessellation and cap, built lazily: only the tiles that labelled
+    points fall in (a frame sees part of a larger specimen).  ``trange[k]`` is the owner range
+    of tile ``k`` in the pools (``(0, 1)``, the sentinel owner: not built); owners (``oxyw``, ``oid``, ``lrange``) and
+    lines are appended as tiles are built.  A tile's lists depend on the tile alone, so the
+    labels do not depend on which tiles were built before, or in which batches.  ``lock``
+    serialises building and labelling from several Python threads (a build may reallocate
+    the pools a concurrent kernel reads)."""
+
+    def __init__(self, grid: tuple, extent: tuple[float, float], periodic: bool, cap: float,
+                 tnx: int, tny: int) -> None:
+        self.grid = grid  # not the tessellation itself: no reference cycle through its cache
+        self.extent = extent
+        self.periodic = periodic
+        self.cap = cap
+        self.tnx = tnx
+        self.tny = tny
+        # owner 0 is a sentinel (id -2, no lines) that every tile not built yet points at, so
+        # the kernel needs no test for them; a built tile's owners start at 1
+        self.trange = np.zeros((tnx * tny, 2), dtype=np.int64)
+        self.trange[:, 1] = 1
+        self.oxyw = np.zeros((1, 3))
+        self.oid = np.full(1, -2, dtype=np.int32)
+        self.lrange = np.zeros((1, 2), dtype=np.int64)
+        self.lines = np.empty((0, 4))
+        self.n_owners = 1
+        self.n_lines = 0
+        self.n_built = 0
+        self.lock = threading.Lock()
+
+    @property
+    def complete(self) -> bool:
+        return self.n_built == self.tnx * self.tny
+
+    def build(self, tiles: np.ndarray) -> None:
+        """Build the tiles ``tiles`` (ids ``ty·tnx + tx``, none built yet)."""
+        tiles = np.ascontiguousarray(tiles, dtype=np.int64)
+        if tiles.size == 0:
+            return
+        sx, sy, sw, sid, start, nx, ny, hx, hy = self.grid
+        lx, ly = self.extent
+        sc = _scratch()
+        # a frame's batch (~1-3k tiles, 1-3 ms) runs on this thread: its five parallel regions
+        # would cost more than they save where other processes share the cores (a region waits
+        # for its slowest thread: 2 threads, load 4 on 2 cores: 110 instead of 51 ms/sample)
+        par = tiles.size >= _PARALLEL_BUILD_TILES
+        build_tiles, build_owners, pack_owners = (
+            (_build_tiles, _build_owners, _pack_owners) if par
+            else (_build_tiles_serial, _build_owners_serial, _pack_owners_serial))
+        tstart, tcount, xyw, ids, dc = build_tiles(
+            sx, sy, sw, sid, start, nx, ny, hx, hy, lx, ly, self.periodic, self.cap, self.tnx,
+            self.tny, tiles, sc["xyw"], sc["ids"], sc["dc"])
+        ocount, tlines, co, cl, s_xyw, s_id, s_lc, s_lines = build_owners(
+            tiles, tstart, tcount, xyw, ids, dc, self.tnx, self.tny, lx, ly, self.cap,
+            sc["s_xyw"], sc["s_id"], sc["s_lc"], sc["s_lines"])
+        sc.update(xyw=xyw, ids=ids, dc=dc, s_xyw=s_xyw, s_id=s_id, s_lc=s_lc, s_lines=s_lines)
+        no = self.n_owners + int(ocount.sum())
+        nl = self.n_lines + int(tlines.sum())
+        # the first batch sizes the pools for every tile (pages never written are never
+        # faulted in, so the reserve costs nothing); later growth is geometric
+        nt = self.tnx * self.tny
+        full = self.n_built + int(tiles.size)
+        if no > self.oid.shape[0]:
+            size = max(no, 2 * self.oid.shape[0], int(1.25 * no * nt / full))
+            self.oxyw = _grown(self.oxyw, size, self.n_owners)
+            self.oid = _grown(self.oid, size, self.n_owners)
+            self.lrange = _grown(self.lrange, size, self.n_owners)
+        if nl > self.lines.shape[0]:
+            size = max(nl, 2 * self.lines.shape[0], int(1.25 * nl * nt / full))
+            self.lines = _grown(self.lines, size, self.n_lines)
+        pack_owners(tiles, ocount, tlines, co, cl, s_xyw, s_id, s_lc, s_lines,
+                     self.n_owners, self.n_lines, self.trange, self.oxyw, self.oid, self.lrange,
+                     self.lines)
+        self.n_owners = no
+        self.n_lines = nl
+        self.n_built += int(tiles.size)
+
+    def _span(self, lo: float, hi: float, length: float, nt: int) -> np.ndarray:
+        """Tile columns (or rows) that points with coordinates in ``[lo, hi]`` fall in: the
+        kernel's index of each end (wrapped when periodic), all between (cyclically) and one
+        more each side."""
+        if self.periodic and hi - lo >= length * (1.0 - 1.0 / nt):
+            return np.arange(nt)
+
+        def index(v: float) -> int:
+            if self.periodic:
+                v = v - length * math.floor(v / length)
+            return min(max(int(v * (nt / length)), 0), nt - 1)
+
+        a, b = index(lo), index(hi)
+        if self.periodic and b < a:  # wrapped around (at most once: hi - lo < length)
+            b += nt
+        a, b = a - 1, b + 1  # a tile of margin each side, for rounding
+        if not self.periodic:
+            return np.arange(max(a, 0), min(b, nt - 1) + 1)
+        if b - a + 1 >= nt:
+            return np.arange(nt)
+        return np.arange(a, b + 1) % nt  # cyclically
+
+    def build_box(self, x0: float, x1: float, y0: float, y1: float) -> None:
+        """Build the tiles not built yet that points in the box ``[x0, x1] × [y0, y1]`` fall in
+        (those the kernel finds elsewhere, after rounding, it builds itself)."""
+        lx, ly = self.extent
+        cols = self._span(x0, x1, lx, self.tnx)
+        rows = self._span(y0, y1, ly, self.tny)
+        tiles = (rows[:, None] * self.tnx + cols[None, :]).ravel()
+        self.build(tiles[self.trange[tiles, 0] == 0])
+
+    def build_all(self) -> None:
+        """Build every tile not built yet."""
+        if not self.complete:
+            self.build(np.flatnonzero(self.trange[:, 0] == 0))
+
+
+#: batches of at least this many tiles are built in parallel (Numba threads), smaller ones on
+#: the calling thread by the same functions compiled without ``parallel`` (same results)
+_PARALLEL_BUILD_TILES = 4096
+_build_tiles_serial = njit(cache=True)(_build_tiles.py_func)
+_build_owners_serial = njit(cache=True)(_build_owners.py_func)
+_pack_owners_serial = njit(cache=True)(_pack_owners.py_func)
+_SCRATCH = threading.local()
+_POOL_LOCK = threading.Lock()
+
+
+def _scratch() -> dict:
+    """This thread's scratch arrays of the tile build (grow-only, reused by every build: the
+    temporaries of a specimen's build are several MB, and fresh memory costs a page fault per
+    4 KiB, ~1.5 us each on the virtual machines measured: as much as a third of the build)."""
+    d = getattr(_SCRATCH, "arrays", None)
+    if d is None:
+        d = _SCRATCH.arrays = dict(
+            xyw=np.empty((0, 3)), ids=np.empty(0, dtype=np.int32), dc=np.empty(0),
+            s_xyw=np.empty((0, 3)), s_id=np.empty(0, dtype=np.int32),
+            s_lc=np.empty(0, dtype=np.int64), s_lines=np.empty((0, 4)))
+    return d
+
+
+def _grown(a: np.ndarray, size: int, used: int) -> np.ndarray:
+    out = np.empty((size,) + a.shape[1:], dtype=a.dtype)
+    out[:used] = a[:used]
+    return out
 
 
 @njit(parallel=True, cache=True)
@@ -856,21 +1090,34 @@ class Tessellation:
         )
         object.__setattr__(self, "_grid", grid)
 
+    def _tile_pool(self, cap: float) -> _TilePool:
+        """The (lazily built) tile owner lists for boundary distances below ``cap`` (cached)."""
+        pool = self._tiles.get(cap)
+        if pool is None:
+            with _POOL_LOCK:  # one pool per cap, also when threads ask at once
+                pool = self._tiles.get(cap)
+                if pool is None:
+                    pool = self._new_pool(cap)
+        return pool
+
+    def _new_pool(self, cap: float) -> _TilePool:
+        """An empty tile pool for ``cap`` (tiles of about a quarter of the seed spacing)."""
+        lx, ly = self.extent
+        spacing = math.sqrt(lx * ly / self.n_seeds)
+        side = max(2.0, spacing / self.tile_divisor)
+        tnx = max(1, int(round(lx / side)))
+        tny = max(1, int(round(ly / side)))
+        pool = self._tiles[cap] = _TilePool(self._grid, self.extent, bool(self.periodic), cap,
+                                            tnx, tny)
+        return pool
+
     def _tile_lists(self, cap: float) -> tuple:
-        """Per-tile candidate lists, valid for boundary distances below ``cap`` (cached)."""
-        if cap not in self._tiles:
-            sx, sy, sw, sid, start, nx, ny, hx, hy = self._grid
-            lx, ly = self.extent
-            spacing = math.sqrt(lx * ly / self.n_seeds)
-            side = max(2.0, spacing / self.tile_divisor)
-            tnx = max(1, int(round(lx / side)))
-            tny = max(1, int(round(ly / side)))
-            tstart, xyw, ids, dc = _build_tiles(
-                sx, sy, sw, sid, start, nx, ny, hx, hy, lx, ly, bool(self.periodic), cap, tnx, tny
-            )
-            owners = _build_owners(tstart, xyw, ids, dc, tnx, tny, lx, ly, cap)
-            self._tiles[cap] = (tnx, tny) + owners
-        return self._tiles[cap]
+        """Every tile's owner lists for boundary distances below ``cap``, all built (cached):
+        ``(tnx, tny, trange, oxyw, oid, lrange, lines)``."""
+        pool = self._tile_pool(cap)
+        with pool.lock:
+            pool.build_all()
+        return (pool.tnx, pool.tny, pool.trange, pool.oxyw, pool.oid, pool.lrange, pool.lines)
 
     @property
     def n_seeds(self) -> int:
@@ -911,7 +1158,10 @@ def label_points(
         raise ValueError(f"max_distance must be > 0 px, got {max_distance}")
     xs = np.ascontiguousarray(x.ravel())
     ys = np.ascontiguousarray(y.ravel())
-    if not (np.all(np.isfinite(xs)) and np.all(np.isfinite(ys))):
+    # the bounding box (min/max propagate NaN, so it also tells whether all are finite)
+    bounds = (float(xs.min()), float(xs.max()), float(ys.min()), float(ys.max())) if xs.size \
+        else (0.0, 0.0, 0.0, 0.0)
+    if not all(math.isfinite(v) for v in bounds):
         raise ValueError("coordinates must be finite")
     sx, sy, sw, sid, start, nx, ny, hx, hy = tess._grid
     lx, ly = tess.extent
@@ -922,10 +1172,23 @@ def label_points(
     if cap > 0.25 * min(lx, ly):  # (incl. inf) tile lists would span the specimen: ring search
         _label_kernel(xs, ys, sx, sy, sw, sid, start, nx, ny, hx, hy, lx, ly, periodic, cap, gid, dist)
     else:
-        tiles = tess._tile_lists(cap)
-        tnx, tny, ostart, oxyw, oid, lstart, lines = tiles
-        outside = _tile_kernel(xs, ys, tnx, tny, lx, ly, periodic, cap, ostart, oxyw, oid, lstart,
-                               lines, gid, dist)
+        pool = tess._tile_pool(cap)
+        with pool.lock:
+            if not pool.complete:  # the tiles of the points' bounding box
+                pool.build_box(*bounds)
+            outside = _tile_kernel(xs, ys, pool.tnx, pool.tny, lx, ly, periodic, cap,
+                                   pool.trange, pool.oxyw, pool.oid, pool.lrange, pool.lines,
+                                   gid, dist)
+            # a tile the box missed (it has a margin of one tile for rounding): build it, label
+            # its points (a check of ~1 % of the kernel, skipped once every tile is built)
+            if not pool.complete and gid.size and gid.min() == -2:
+                need = np.zeros(pool.tnx * pool.tny, dtype=np.uint8)
+                for mark in (True, False):
+                    if not mark:
+                        pool.build(np.flatnonzero(need))
+                    _tile_fix(xs, ys, pool.tnx, pool.tny, lx, ly, periodic, cap, pool.trange,
+                              pool.oxyw, pool.oid, pool.lrange, pool.lines, gid, dist, need,
+                              mark)
         if outside:  # non-periodic points beyond the specimen box: exact ring search
             idx = np.flatnonzero(gid < 0)
             _label_subset(idx, xs, ys, sx, sy, sw, sid, start, nx, ny, hx, hy, lx, ly, periodic,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import platform
 import signal
 import subprocess
 import sys
@@ -571,3 +572,25 @@ def test_readers_split_across_ranks_with_distributed_sampler(small, tmp_path):
             assert len(idx) == 12
             seen.append(set(idx))
         assert seen[0].isdisjoint(seen[1]) and seen[0] | seen[1] == set(range(24))
+
+
+def test_tune_allocator_respects_opt_out_and_glibc_variables(monkeypatch):
+    """The allocator tuning runs once per process and stays off when the user (or a Dask nanny)
+    set glibc's MALLOC_*_ variables or EMTWIN_NO_MALLOC_TUNING=1; generation bytes never
+    depend on it (only where memory comes from)."""
+    import twin.shards as sh
+
+    for env in ({"EMTWIN_NO_MALLOC_TUNING": "1"}, {"MALLOC_TRIM_THRESHOLD_": "65536"}):
+        monkeypatch.setattr(sh, "_malloc_tuned", None)
+        with monkeypatch.context() as m:
+            for k, v in env.items():
+                m.setenv(k, v)
+            assert sh.tune_allocator() is False
+            assert sh.tune_allocator() is False  # decided once
+    monkeypatch.setattr(sh, "_malloc_tuned", None)
+    for k in ("EMTWIN_NO_MALLOC_TUNING",) + sh._MALLOC_ENV_VARS:
+        monkeypatch.delenv(k, raising=False)
+    got = sh.tune_allocator()
+    assert isinstance(got, bool)
+    if sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc":
+        assert got is True

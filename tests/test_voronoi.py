@@ -227,6 +227,39 @@ def test_tile_owner_lists_match_brute_force(rng, tile_divisor, periodic, sigma):
     np.testing.assert_allclose(dist, np.minimum(ref_d, 5.0), rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("periodic", [False, True])
+@pytest.mark.parametrize("sigma", [0.0, 0.8])
+def test_lazy_tile_lists_give_the_labels_of_the_complete_lists(rng, periodic, sigma, monkeypatch):
+    """Tiles are built as frames reach them (their bounding box, or the kernel's fallback for
+    points found outside it): labels equal, bit for bit, those of lists built all at once."""
+    extent = (400.0, 300.0)
+    n = 160
+    seeds = poisson_seeds(rng, n, extent)
+    weights = lognormal_weights(rng, n, 27.0, sigma) if sigma > 0 else None
+    cap = 6.0
+    frames = []
+    yy, xx = np.mgrid[0:64, 0:80].astype(np.float64)
+    for _ in range(5):  # frames at random offsets (beyond the box too), with jitter and drift
+        off = rng.uniform(-100.0, 450.0, 2)
+        frames.append((xx + off[0] + 0.01 * yy + rng.normal(0, 0.3, (64, 1)), yy + off[1]))
+    frames.append((rng.uniform(-50, 450, 500), rng.uniform(-50, 350, 500)))  # scattered
+    full = Tessellation(seeds, extent, weights=weights, periodic=periodic)
+    full._tile_lists(cap)
+    lazy = Tessellation(seeds, extent, weights=weights, periodic=periodic)
+    fallback = Tessellation(seeds, extent, weights=weights, periodic=periodic)
+    for x, y in frames:
+        want = full.label(x, y, max_distance=cap)
+        got = lazy.label(x, y, max_distance=cap)
+        with monkeypatch.context() as m:  # no box: every tile through the kernel's fallback
+            m.setattr(type(fallback._tile_pool(cap)), "build_box", lambda self, *a: None)
+            got_fb = fallback.label(x, y, max_distance=cap)
+        for g in (got, got_fb):
+            np.testing.assert_array_equal(g[0], want[0])
+            np.testing.assert_array_equal(g[1], want[1])
+    pool = lazy._tile_pool(cap)
+    assert 0 < pool.n_built <= pool.tnx * pool.tny
+
+
 def _min_image_power(pts, s, w, extent, periodic):
     d = pts - s
     if periodic:
@@ -250,3 +283,28 @@ def test_periodic_wrap_one_and_many_periods_out(rng):
         same &= (y + ky * extent[1]) - ky * extent[1] == y
         assert np.array_equal(g[same], g0[same])
         np.testing.assert_allclose(d, d0, rtol=0, atol=1e-9)
+
+
+def test_lazy_tile_lists_from_concurrent_threads(rng):
+    """Python threads labelling frames of one tessellation at once (e.g. a multi-threaded Dask
+    worker sharing a pipeline) build its tile pool under a lock: the labels of each frame equal
+    those of a tessellation with every tile built up front."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    extent = (600.0, 600.0)
+    seeds = poisson_seeds(rng, 300, extent)
+    full = Tessellation(seeds, extent)
+    full._tile_lists(6.0)
+    shared = Tessellation(seeds, extent)
+    yy, xx = np.mgrid[0:96, 0:96].astype(np.float64)
+    offs = rng.uniform(0, 600, (16, 2))
+
+    def one(o):
+        return shared.label(xx + o[0], yy + o[1], max_distance=6.0)
+
+    with ThreadPoolExecutor(4) as ex:
+        got = list(ex.map(one, offs))
+    for o, (g, d) in zip(offs, got):
+        wg, wd = full.label(xx + o[0], yy + o[1], max_distance=6.0)
+        np.testing.assert_array_equal(g, wg)
+        np.testing.assert_array_equal(d, wd)

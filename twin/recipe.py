@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import math
 from pathlib import Path
-from typing import Annotated, ClassVar, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal, Union
 
 import yaml
 from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError,
@@ -469,7 +469,11 @@ def format_validation_error(err: ValidationError, source: str) -> str:
     return f"{source}: invalid recipe: " + "; ".join(parts)
 
 
-def validate_yaml(text: str, model: type[BaseModel], source: str, what: str = "recipe"):
+_UNPARSED = object()  # validate_yaml: no parsed data given
+
+
+def validate_yaml(text: str, model: type[BaseModel], source: str, what: str = "recipe",
+                  data: Any = _UNPARSED):
     """Parse YAML ``text`` and validate it with ``model``; every problem → one RecipeError line.
 
     Parameters
@@ -478,9 +482,12 @@ def validate_yaml(text: str, model: type[BaseModel], source: str, what: str = "r
     model : the pydantic model (e.g. :class:`Recipe`)
     source : where the text came from (file name), first in the message
     what : "recipe" or "instrument profile", for the message
+    data : optional
+        ``yaml.safe_load(text)`` when the caller has it already (not parsed again).
     """
     try:
-        data = yaml.safe_load(text)
+        if data is _UNPARSED:
+            data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -505,12 +512,17 @@ RECIPE_KINDS: dict[str, str] = {
 
 def recipe_model(text: str) -> type[BaseModel]:
     """The recipe model class for a recipe text, chosen by its ``specimen.kind``."""
-    import importlib
-
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError:
         return Recipe  # validate_yaml reports the YAML error
+    return _model_for(data)
+
+
+def _model_for(data: Any) -> type[BaseModel]:
+    """The recipe model class for parsed recipe YAML (see :func:`recipe_model`)."""
+    import importlib
+
     kind = None
     if isinstance(data, dict) and isinstance(data.get("specimen"), dict):
         kind = data["specimen"].get("kind")
@@ -533,7 +545,11 @@ def parse_recipe(text: str, source: str = "<recipe>"):
     RecipeError
         Malformed YAML, a non-mapping document, unknown keys or out-of-range values.
     """
-    return validate_yaml(text, recipe_model(text), source, "recipe")
+    try:
+        data = yaml.safe_load(text)  # once, for the model choice and the validation
+    except yaml.YAMLError:
+        return validate_yaml(text, Recipe, source, "recipe")  # reports the YAML error
+    return validate_yaml(text, _model_for(data), source, "recipe", data=data)
 
 
 def load_recipe(path: str | Path) -> tuple[Recipe, str]:
