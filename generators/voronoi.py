@@ -384,13 +384,11 @@ def _may_matter(dcs, w, u, cap):
     return lb < cap * (1.0 + 1e-6) + 1e-6
 
 
-@njit(cache=True)
-def _tile_scan(sx, sy, sw, sid, start, nx, ny, hx, hy, lx, ly, periodic,
-               x0, y0, x1, y1, radius, fill, out_xyw, out_id, out_dc, pos, u=np.inf, cap=0.0):
-    """Visit every seed (and periodic image) within ``radius`` of the rectangle; count or store.
-    With a finite ``u`` (the tile's nearest-power bound) seeds that :func:`_may_matter` rules
-    out are skipped (Laguerre weights: the radius is set by the largest weight)."""
-    prune = u < np.inf
+@njit(cache=True, inline="always")
+def _grid_window(x0, y0, x1, y1, radius, hx, hy, nx, ny, periodic):
+    """Grid cells ``jx0..jx1``, ``jy0..jy1`` (inclusive; beyond the grid for periodic images,
+    else clipped to it) that hold every seed within ``radius`` of the rectangle
+    ``[x0, x1] × [y0, y1]`` (grid cells ``hx × hy``, ``nx × ny`` of them)."""
     jx0 = int(math.floor((x0 - radius) / hx))
     jx1 = int(math.floor((x1 + radius) / hx))
     jy0 = int(math.floor((y0 - radius) / hy))
@@ -400,6 +398,17 @@ def _tile_scan(sx, sy, sw, sid, start, nx, ny, hx, hy, lx, ly, periodic,
         jy0 = max(jy0, 0)
         jx1 = min(jx1, nx - 1)
         jy1 = min(jy1, ny - 1)
+    return jx0, jx1, jy0, jy1
+
+
+@njit(cache=True)
+def _tile_scan(sx, sy, sw, sid, start, nx, ny, hx, hy, lx, ly, periodic,
+               x0, y0, x1, y1, radius, fill, out_xyw, out_id, out_dc, pos, u=np.inf, cap=0.0):
+    """Visit every seed (and periodic image) within ``radius`` of the rectangle; count or store.
+    With a finite ``u`` (the tile's nearest-power bound) seeds that :func:`_may_matter` rules
+    out are skipped (Laguerre weights: the radius is set by the largest weight)."""
+    prune = u < np.inf
+    jx0, jx1, jy0, jy1 = _grid_window(x0, y0, x1, y1, radius, hx, hy, nx, ny, periodic)
     count = 0
     for jy in range(jy0, jy1 + 1):
         gy, wy = _wrap_cell(jy, ny)
@@ -432,15 +441,7 @@ def _tile_upper_bound(sx, sy, sw, start, nx, ny, hx, hy, lx, ly, periodic, x0, y
     """U = min_q max_corner π_q: an upper bound of the nearest power distance over the tile."""
     radius = max(hx, hy)
     while True:
-        jx0 = int(math.floor((x0 - radius) / hx))
-        jx1 = int(math.floor((x1 + radius) / hx))
-        jy0 = int(math.floor((y0 - radius) / hy))
-        jy1 = int(math.floor((y1 + radius) / hy))
-        if not periodic:
-            jx0 = max(jx0, 0)
-            jy0 = max(jy0, 0)
-            jx1 = min(jx1, nx - 1)
-            jy1 = min(jy1, ny - 1)
+        jx0, jx1, jy0, jy1 = _grid_window(x0, y0, x1, y1, radius, hx, hy, nx, ny, periodic)
         u = np.inf
         for jy in range(jy0, jy1 + 1):
             gy, wy = _wrap_cell(jy, ny)
@@ -569,15 +570,7 @@ def _build_tiles(sx, sy, sw, sid, start, nx, ny, hx, hy, lx, ly, periodic, cap, 
 def _window_seeds(start, nx, ny, hx, hy, periodic, x0, y0, x1, y1, radius):
     """Number of seeds (with periodic images) in the grid cells :func:`_tile_scan` visits for
     this rectangle and radius: a bound on the candidates it finds."""
-    jx0 = int(math.floor((x0 - radius) / hx))
-    jx1 = int(math.floor((x1 + radius) / hx))
-    jy0 = int(math.floor((y0 - radius) / hy))
-    jy1 = int(math.floor((y1 + radius) / hy))
-    if not periodic:
-        jx0 = max(jx0, 0)
-        jy0 = max(jy0, 0)
-        jx1 = min(jx1, nx - 1)
-        jy1 = min(jy1, ny - 1)
+    jx0, jx1, jy0, jy1 = _grid_window(x0, y0, x1, y1, radius, hx, hy, nx, ny, periodic)
     count = 0
     for jy in range(jy0, jy1 + 1):
         gy, _ = _wrap_cell(jy, ny)

@@ -482,17 +482,71 @@ def _normals_kernel(q, idx, seeds, w, lx, ly, periodic, out):
         out[i, 1] = ny
 
 
+@njit(cache=True, inline="always")
+def _stored_line_min(pc, pnx, pny, t, rx, ry, bd, nxv, nyv):
+    """The running minimum ``(d, n_x, n_y)`` of :func:`_nearest_line_normal` after the stored
+    radical line ``t`` of :meth:`CellNeighbours.pair_lines` (distance ``c − n·r``)."""
+    dd = pc[t] - (pnx[t] * rx + pny[t] * ry)
+    if dd < bd:
+        return dd, pnx[t], pny[t]
+    return bd, nxv, nyv
+
+
+@njit(cache=True, inline="always")
+def _nearest_line_normal(x, y, o, seeds, w, nstart, nbr, pex, pey, pnx, pny, pc, lim, lx, ly,
+                         hlx, hly, periodic):
+    """Nearest radical line of grain ``o``'s neighbours from the point ``(x, y)``: its signed
+    distance and unit normal ``(d, n_x, n_y)`` (``(inf, 1, 0)`` without neighbours).
+
+    Per neighbour pair (minimum-image seed difference ``e``) the radical line is at ``c − n·r``
+    from the point (``r``: the point relative to the owner's seed, minimum image); where ``e − r``
+    is not the minimum image of the neighbour (``|e − r| ≥ hlx, hly``, half the extent, per
+    axis: grains of about half the specimen) the distance is computed from the images nearest
+    to the point, as in :meth:`CellNeighbours.normals`.  ``lim[o]``: ``|r| <`` it (per axis)
+    proves ``e − r`` the minimum image for every pair of ``o`` (the usual case: one test per
+    point, then a loop without per-pair tests; coincident seeds have ``c = inf`` and never win
+    it either).  ``pex, pey, pnx, pny, pc, lim``: :meth:`CellNeighbours.pair_lines`."""
+    rx = x - seeds[o, 0]
+    ry = y - seeds[o, 1]
+    if periodic:
+        rx = min_image(rx, lx)
+        ry = min_image(ry, ly)
+    bd = np.inf
+    nxv = 1.0
+    nyv = 0.0
+    if not periodic or (abs(rx) < lim[o, 0] and abs(ry) < lim[o, 1]):
+        for t in range(nstart[o], nstart[o + 1]):
+            bd, nxv, nyv = _stored_line_min(pc, pnx, pny, t, rx, ry, bd, nxv, nyv)
+        return bd, nxv, nyv
+    for t in range(nstart[o], nstart[o + 1]):
+        if pc[t] == np.inf:
+            continue  # coincident seeds: no radical line
+        if periodic and (abs(pex[t] - rx) >= hlx or abs(pey[t] - ry) >= hly):
+            j = nbr[t]  # rare: the nearest images are not e − r
+            dx = seeds[j, 0] - x
+            dy = seeds[j, 1] - y
+            dx -= lx * round(dx / lx)
+            dy -= ly * round(dy / ly)
+            ex = dx + rx
+            ey = dy + ry
+            sep = math.sqrt(ex * ex + ey * ey)
+            if sep == 0.0:
+                continue
+            dd = (dx * dx + dy * dy - w[j] - (rx * rx + ry * ry - w[o])) / (2.0 * sep)
+            if dd < bd:
+                bd = dd
+                nxv = ex / sep
+                nyv = ey / sep
+        else:
+            bd, nxv, nyv = _stored_line_min(pc, pnx, pny, t, rx, ry, bd, nxv, nyv)
+    return bd, nxv, nyv
+
+
 @njit(parallel=True, cache=True)
 def _image_distance_kernel(qx, qy, owner, dist_q, jac, cap_q, cap, seeds, w, nstart, nbr,
                            pex, pey, pnx, pny, pc, lim, lx, ly, periodic, out):
     """``d_p = d_q / |Jᵀ n|``; ``n``: normal of the nearest radical line among the owner's
-    neighbours.  Per neighbour pair (minimum-image seed difference ``e``) the radical line is at
-    ``c − n·r`` from the point (``r``: the point relative to the owner's seed); where ``e − r`` is
-    not the minimum image of the neighbour (grains of about half the specimen) the distance is
-    computed from the images nearest to the point, as in :meth:`CellNeighbours.normals`.
-    ``lim[o]``: ``|r| <`` it (per axis) proves ``e − r`` the minimum image for every pair of
-    ``o`` (the usual case: one test per point, then a loop without per-pair tests; coincident
-    seeds have ``c = inf`` and never win it either)."""
+    neighbours (:func:`_nearest_line_normal`)."""
     m = qx.shape[0]
     hx = 0.5 * lx
     hy = 0.5 * ly
@@ -501,52 +555,8 @@ def _image_distance_kernel(qx, qy, owner, dist_q, jac, cap_q, cap, seeds, w, nst
         if not d < cap_q:
             out[i] = cap
             continue
-        x = qx[i]
-        y = qy[i]
-        o = owner[i]
-        rx = x - seeds[o, 0]
-        ry = y - seeds[o, 1]
-        if periodic:
-            rx = min_image(rx, lx)
-            ry = min_image(ry, ly)
-        bd = np.inf
-        nxv = 1.0
-        nyv = 0.0
-        if not periodic or (abs(rx) < lim[o, 0] and abs(ry) < lim[o, 1]):
-            for t in range(nstart[o], nstart[o + 1]):
-                dd = pc[t] - (pnx[t] * rx + pny[t] * ry)
-                if dd < bd:
-                    bd = dd
-                    nxv = pnx[t]
-                    nyv = pny[t]
-            s = math.hypot(jac[i, 0] * nxv + jac[i, 2] * nyv, jac[i, 1] * nxv + jac[i, 3] * nyv)
-            out[i] = np.float32(min(d / max(s, 1e-12), cap))
-            continue
-        for t in range(nstart[o], nstart[o + 1]):
-            if pc[t] == np.inf:
-                continue  # coincident seeds: no radical line
-            if periodic and (abs(pex[t] - rx) >= hx or abs(pey[t] - ry) >= hy):
-                j = nbr[t]  # rare: the nearest images are not e − r
-                dx = seeds[j, 0] - x
-                dy = seeds[j, 1] - y
-                dx -= lx * round(dx / lx)
-                dy -= ly * round(dy / ly)
-                ex = dx + rx
-                ey = dy + ry
-                sep = math.sqrt(ex * ex + ey * ey)
-                if sep == 0.0:
-                    continue
-                dd = (dx * dx + dy * dy - w[j] - (rx * rx + ry * ry - w[o])) / (2.0 * sep)
-                if dd < bd:
-                    bd = dd
-                    nxv = ex / sep
-                    nyv = ey / sep
-            else:
-                dd = pc[t] - (pnx[t] * rx + pny[t] * ry)
-                if dd < bd:
-                    bd = dd
-                    nxv = pnx[t]
-                    nyv = pny[t]
+        _, nxv, nyv = _nearest_line_normal(qx[i], qy[i], owner[i], seeds, w, nstart, nbr, pex,
+                                           pey, pnx, pny, pc, lim, lx, ly, hx, hy, periodic)
         s = math.hypot(jac[i, 0] * nxv + jac[i, 2] * nyv, jac[i, 1] * nxv + jac[i, 3] * nyv)
         out[i] = np.float32(min(d / max(s, 1e-12), cap))
 
@@ -831,47 +841,8 @@ def _warped_label_kernel(xs, ys, jac, seeds, wn, w, nstart, nbr, kimg, sx, sy, s
                 out_d[i] = cap
                 continue
             # the normal of the nearest radical line, as _image_distance_kernel finds it
-            o = g
-            rx = x - seeds[o, 0]
-            ry = y - seeds[o, 1]
-            rx = min_image(rx, lx)
-            ry = min_image(ry, ly)
-            bn = np.inf
-            nxv = 1.0
-            nyv = 0.0
-            if abs(rx) < lim[o, 0] and abs(ry) < lim[o, 1]:
-                for t in range(nstart[o], nstart[o + 1]):
-                    dd = pc[t] - (pnx[t] * rx + pny[t] * ry)
-                    if dd < bn:
-                        bn = dd
-                        nxv = pnx[t]
-                        nyv = pny[t]
-            else:
-                for t in range(nstart[o], nstart[o + 1]):
-                    if pc[t] == np.inf:
-                        continue
-                    if abs(pex[t] - rx) >= hxl or abs(pey[t] - ry) >= hyl:
-                        j = nbr[t]
-                        dx = seeds[j, 0] - x
-                        dy = seeds[j, 1] - y
-                        dx -= lx * round(dx / lx)
-                        dy -= ly * round(dy / ly)
-                        ex = dx + rx
-                        ey = dy + ry
-                        sep = math.sqrt(ex * ex + ey * ey)
-                        if sep == 0.0:
-                            continue
-                        dd = (dx * dx + dy * dy - w[j] - (rx * rx + ry * ry - w[o])) / (2.0 * sep)
-                        if dd < bn:
-                            bn = dd
-                            nxv = ex / sep
-                            nyv = ey / sep
-                    else:
-                        dd = pc[t] - (pnx[t] * rx + pny[t] * ry)
-                        if dd < bn:
-                            bn = dd
-                            nxv = pnx[t]
-                            nyv = pny[t]
+            _, nxv, nyv = _nearest_line_normal(x, y, g, seeds, w, nstart, nbr, pex, pey, pnx, pny,
+                                               pc, lim, lx, ly, hxl, hyl, True)
             s = math.hypot(jac[i, 0] * nxv + jac[i, 2] * nyv, jac[i, 1] * nxv + jac[i, 3] * nyv)
             out_d[i] = np.float32(min(d / max(s, 1e-12), cap))
 

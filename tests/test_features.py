@@ -394,21 +394,6 @@ def test_voronoi_only_features_are_refused_for_other_kinds():
 # --------------------------------------------------------------------------------------------
 # fast kernels (speed work): each against a NumPy/SciPy reference, and thread-count independent
 # --------------------------------------------------------------------------------------------
-def _threads_runs(fn):
-    """``fn()`` under 1 and under all Numba threads."""
-    import numba
-
-    old = numba.get_num_threads()
-    out = []
-    try:
-        for t in sorted({1, numba.config.NUMBA_NUM_THREADS}):
-            numba.set_num_threads(t)
-            out.append(fn())
-    finally:
-        numba.set_num_threads(old)
-    return out
-
-
 def test_fast_sincos_matches_numpy():
     from numba import njit
 
@@ -430,7 +415,7 @@ def test_fast_sincos_matches_numpy():
     assert np.abs(c - np.cos(a)).max() < 5e-15
 
 
-def test_coordinate_map_matches_numpy_sum_of_modes_and_thread_count():
+def test_coordinate_map_matches_numpy_sum_of_modes_and_thread_count(thread_runs):
     from generators.warp import Warp
 
     cm = Warp(amplitude_px=(3, 3), correlation_px=(25, 25), elongation=(1.5, 1.5),
@@ -438,7 +423,7 @@ def test_coordinate_map_matches_numpy_sum_of_modes_and_thread_count():
     rng = np.random.default_rng(2)
     x = rng.uniform(-20, 320, (37, 61))  # not a multiple of the kernel's block
     y = rng.uniform(-20, 220, (37, 61))
-    runs = _threads_runs(lambda: cm.apply(x, y))
+    runs = thread_runs(lambda: cm.apply(x, y))
     for u, v in zip(runs[0], runs[-1]):
         assert u.tobytes() == v.tobytes()
     qx, qy, jac = runs[0]
@@ -455,7 +440,8 @@ def test_coordinate_map_matches_numpy_sum_of_modes_and_thread_count():
 
 
 @pytest.mark.parametrize("periodic", [True, False])
-def test_image_space_distance_matches_normals_reference_and_thread_count(periodic):
+def test_image_space_distance_matches_normals_reference_and_thread_count(thread_runs,
+                                                                         periodic):
     from generators.substructure import cell_polygons
     from generators.warp import CellNeighbours, Warp, image_space_distance
 
@@ -470,7 +456,7 @@ def test_image_space_distance_matches_normals_reference_and_thread_count(periodi
     yy, xx = np.mgrid[0:120.0, 0:160.0] + 0.25
     qx, qy, jac = cm.apply(xx, yy)
     gid, dq = tess.label(qx, qy, max_distance=12.0)
-    runs = _threads_runs(lambda: image_space_distance(nb, qx, qy, gid, dq, jac, 12.0, 6.0))
+    runs = thread_runs(lambda: image_space_distance(nb, qx, qy, gid, dq, jac, 12.0, 6.0))
     assert runs[0].tobytes() == runs[-1].tobytes()
     got = runs[0]
     # reference: the per-point normals of CellNeighbours.normals and d_p = d_q / |Jᵀ n|

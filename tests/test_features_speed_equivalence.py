@@ -169,23 +169,8 @@ def test_may_matter_bound_is_a_lower_bound(rng):
     assert ruled_out > 50  # the bound does prune
 
 
-def _threads(fn):
-    """``fn()`` under 1 and under all Numba threads."""
-    import numba
-
-    old = numba.get_num_threads()
-    out = []
-    try:
-        for t in sorted({1, numba.config.NUMBA_NUM_THREADS}):
-            numba.set_num_threads(t)
-            out.append(fn())
-    finally:
-        numba.set_num_threads(old)
-    return out
-
-
 @pytest.mark.parametrize("sigma", [0.0, 0.6])
-def test_warped_label_walk_bitwise_equals_tiles_and_image_distance(rng, sigma):
+def test_warped_label_walk_bitwise_equals_tiles_and_image_distance(rng, thread_runs, sigma):
     from generators.substructure import cell_polygons
     from generators.warp import (CellNeighbours, image_space_distance, label_warped_grains,
                                  walk_grain_ids)
@@ -200,7 +185,7 @@ def test_warped_label_walk_bitwise_equals_tiles_and_image_distance(rng, sigma):
     cap_q, cap = 9.0, 6.0
     gid, dq = tess.label(qx, qy, max_distance=cap_q)
     ref = image_space_distance(nb, qx, qy, gid, dq, jac, cap_q, cap)
-    runs = _threads(lambda: label_warped_grains(tess, nb, qx, qy, jac, cap_q, cap))
+    runs = thread_runs(lambda: label_warped_grains(tess, nb, qx, qy, jac, cap_q, cap))
     for g, d in runs:
         assert g.dtype == np.int32 and d.dtype == np.float32 and g.shape == qx.shape
         assert np.array_equal(g, gid)
@@ -209,7 +194,7 @@ def test_warped_label_walk_bitwise_equals_tiles_and_image_distance(rng, sigma):
     # ids alone at scattered points (each chunk starts afresh; far jumps walk or fall back)
     px = rng.uniform(-300, 500, 5000)
     py = rng.uniform(-300, 400, 5000)
-    for g in _threads(lambda: walk_grain_ids(tess, nb, px, py)):
+    for g in thread_runs(lambda: walk_grain_ids(tess, nb, px, py)):
         assert np.array_equal(g, tess.label(px, py, max_distance=cap_q)[0])
 
 
