@@ -474,6 +474,11 @@ def _predict(model, x: np.ndarray, tta: bool = False) -> np.ndarray:
     return _probability(model, x, tta) > 0.5
 
 
+def _predict_all(ctx: _Ctx, model, idx) -> list[np.ndarray]:
+    """:func:`_predict` of the real images ``idx`` with the study's ``model.tta`` setting."""
+    return [_predict(model, ctx.real.x[i], ctx.spec.model.tta) for i in idx]
+
+
 #: decision thresholds tried by ``synthetic_threshold``
 THRESHOLDS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99)
 
@@ -650,7 +655,7 @@ def _run_models(ctx: _Ctx, fold: int, dev: np.ndarray, test: np.ndarray, k: int,
             model = _ADAPT_CONDITIONS[cond](ctx, base, xs, ys, dev, seed)
         else:  # pragma: no cover - guarded by the schema
             raise StudyError(f"unknown condition {cond}")
-        preds = [_predict(model, real.x[i], spec.model.tta) for i in test]
+        preds = _predict_all(ctx, model, test)
         _record(ctx, cond, kk if cond != "scratch_all" else -1, fold, test, preds, time.monotonic() - t,
                 n_train=kk)
 
@@ -751,14 +756,14 @@ def run_study(spec: StudySpec, base_dir: str | os.PathLike, out: str | os.PathLi
                     _run_grid(ctx, fold, dev, test)
                 elif cond == "synthetic_only":
                     t = time.monotonic()
-                    _record(ctx, cond, 0, fold, test, [_predict(base_model, real.x[i], spec.model.tta) for i in test],
+                    _record(ctx, cond, 0, fold, test, _predict_all(ctx, base_model, test),
                             time.monotonic() - t)
                 elif cond == "synthetic_threshold":
                     _run_threshold(ctx, fold, dev, test, base_model)
                 elif cond == "synthetic_adabn":
                     t = time.monotonic()
                     m = _adabn_copy(ctx, base_model, dev)
-                    _record(ctx, cond, 0, fold, test, [_predict(m, real.x[i], spec.model.tta) for i in test], time.monotonic() - t)
+                    _record(ctx, cond, 0, fold, test, _predict_all(ctx, m, test), time.monotonic() - t)
             if "scratch_all" in spec.conditions:
                 _run_models(ctx, fold, dev, test, -1, ["scratch_all"], base_model)
             model_conds = [c for c in spec.conditions
@@ -842,7 +847,7 @@ def _run_ablation(ctx: _Ctx, folds: list[tuple[np.ndarray, np.ndarray]]) -> None
         model = _pretrain(ctx, adir / v["dataset"], "ablate-" + v["name"], minutes)
         for fold, (dev, test) in enumerate(folds):
             t = time.monotonic()
-            _record(ctx, "ablation", 0, fold, test, [_predict(model, ctx.real.x[i], ctx.spec.model.tta) for i in test],
+            _record(ctx, "ablation", 0, fold, test, _predict_all(ctx, model, test),
                     time.monotonic() - t, variant=v["name"])
             if k > 0 and not ctx.over_budget():
                 seed = spec.seed * 1000 + fold * 100 + (k if k >= 0 else 99)
@@ -851,7 +856,7 @@ def _run_ablation(ctx: _Ctx, folds: list[tuple[np.ndarray, np.ndarray]]) -> None
                 m = _finetune(ctx, model, _ArrayData([ctx.real.x[i] for i in idx], [ctx.real.y[i] for i in idx],
                                                      spec.model.crop, _augment("light", False), seed), seed,
                               frozen=False)
-                _record(ctx, "ablation", len(idx), fold, test, [_predict(m, ctx.real.x[i], ctx.spec.model.tta) for i in test],
+                _record(ctx, "ablation", len(idx), fold, test, _predict_all(ctx, m, test),
                         time.monotonic() - t, variant=v["name"])
 
 
