@@ -38,6 +38,10 @@ Conditions (each a name in the study file):
                         alone), synthetic-only and fine-tuned scores: the table says what each
                         feature is worth on the real data.
 
+Predictions: class-1 probability > 0.5 (argmax); ``model.tta`` averages the 8 dihedral transforms;
+``model.threshold`` (``metric`` or ``grain_size``) cuts every model trained on real labels at a
+threshold tuned on its own training crops (:mod:`sdk.threshold`; recorded in the ``threshold`` column).
+
 Output (``out/``): ``results.csv`` (one row per condition, k, fold), ``summary.md`` (mean ± standard
 deviation over folds), ``metric_vs_k.png`` and ``study.json`` (spec, timings, environment).
 """
@@ -56,7 +60,7 @@ from typing import Any, Callable, Literal
 
 import numpy as np
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from twin.errors import EmtwinError
 
@@ -105,6 +109,11 @@ class ModelSpec(_Strict):
     lr: float = Field(2e-3, gt=0)
     tta: bool = Field(False, description="predict every real image as the mean over the 8 dihedral "
                                          "transforms (sdk.trainer.predict_tiled)")
+    threshold: Literal["argmax", "metric", "grain_size"] = Field(
+        "argmax", description="decision threshold of every model trained on real labels: argmax (0.5), or "
+                              "tuned on the model's own k training crops for the main metric or for the "
+                              "Heyn grain size (sdk.threshold.tune_threshold; boundary task only). "
+                              "The active-learning rows stay argmax")
 
 
 class BudgetSpec(_Strict):
@@ -128,6 +137,13 @@ class StudySpec(_Strict):
     budget: BudgetSpec = BudgetSpec()
     tolerance: int = Field(2, ge=0, le=20, description="boundary F1 tolerance, px")
     seed: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _threshold_task(self) -> "StudySpec":
+        if self.model.threshold == "grain_size" and self.task != "boundary":
+            raise ValueError("model.threshold: 'grain_size' needs task 'boundary' (Heyn intercepts of "
+                             f"boundary maps), got task {self.task!r}; use 'metric' or 'argmax'")
+        return self
 
     @field_validator("conditions")
     @classmethod
@@ -479,6 +495,21 @@ def _predict_all(ctx: _Ctx, model, idx) -> list[np.ndarray]:
     return [_predict(model, ctx.real.x[i], ctx.spec.model.tta) for i in idx]
 
 
+def _predict_trained(ctx: _Ctx, model, train_idx, test) -> tuple[list[np.ndarray], float | None]:
+    """Test predictions of a model trained on the real images ``train_idx``, with the study's
+    ``model.threshold`` rule: argmax, or a threshold tuned on those same training images (returned)."""
+    rule = ctx.spec.model.threshold
+    if rule == "argmax":
+        return _predict_all(ctx, model, test), None
+    from sdk.threshold import tune_threshold
+
+    tta = ctx.spec.model.tta
+    probs = [_probability(model, ctx.real.x[i], tta) for i in train_idx]
+    th = tune_threshold(probs, [ctx.real.y[i] for i in train_idx], objective=rule, task=ctx.spec.task,
+                        tolerance=ctx.spec.tolerance)
+    return [_probability(model, ctx.real.x[i], tta) > th for i in test], th
+
+
 #: decision thresholds tried by ``synthetic_threshold``
 THRESHOLDS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99)
 
@@ -498,12 +529,16 @@ def _run_threshold(ctx: _Ctx, fold: int, dev: np.ndarray, test: np.ndarray, mode
 
 
 def _record(ctx: _Ctx, condition: str, k: int, fold: int, test: np.ndarray, preds: list[np.ndarray],
-            seconds: float, variant: str = "", n_train: int | None = None) -> dict[str, Any]:
-    """One result row; ``k = -1`` means every dev image of the fold (``n_train`` of them)."""
+            seconds: float, variant: str = "", n_train: int | None = None,
+            threshold: float | None = None) -> dict[str, Any]:
+    """One result row; ``k = -1`` means every dev image of the fold (``n_train`` of them);
+    ``threshold``: the decision threshold tuned on the training images, when one was."""
     per = [score(p, ctx.real.y[i], ctx.spec.task, ctx.spec.tolerance) for p, i in zip(preds, test)]
     row = {"condition": condition, "variant": variant, "k": k, "fold": fold, "n_test": len(test),
            "n_train": k if n_train is None else n_train,
            **_mean_rows(per), "seconds": round(seconds, 1)}
+    if threshold is not None:
+        row["threshold"] = threshold
     ctx.rows.append(row)
     main = _main_metric(ctx.spec.task)
     ctx.log(f"[{ctx.minutes():5.1f} min] fold {fold} {condition}{'/' + variant if variant else ''} k={k}: "
@@ -655,9 +690,9 @@ def _run_models(ctx: _Ctx, fold: int, dev: np.ndarray, test: np.ndarray, k: int,
             model = _ADAPT_CONDITIONS[cond](ctx, base, xs, ys, dev, seed)
         else:  # pragma: no cover - guarded by the schema
             raise StudyError(f"unknown condition {cond}")
-        preds = _predict_all(ctx, model, test)
+        preds, th = _predict_trained(ctx, model, idx, test)
         _record(ctx, cond, kk if cond != "scratch_all" else -1, fold, test, preds, time.monotonic() - t,
-                n_train=kk)
+                n_train=kk, threshold=th)
 
 
 def _dev_tensor(ctx: _Ctx, dev: np.ndarray, crop: int, seed: int):
@@ -856,8 +891,9 @@ def _run_ablation(ctx: _Ctx, folds: list[tuple[np.ndarray, np.ndarray]]) -> None
                 m = _finetune(ctx, model, _ArrayData([ctx.real.x[i] for i in idx], [ctx.real.y[i] for i in idx],
                                                      spec.model.crop, _augment("light", False), seed), seed,
                               frozen=False)
-                _record(ctx, "ablation", len(idx), fold, test, _predict_all(ctx, m, test),
-                        time.monotonic() - t, variant=v["name"])
+                preds, th = _predict_trained(ctx, m, idx, test)
+                _record(ctx, "ablation", len(idx), fold, test, preds, time.monotonic() - t, variant=v["name"],
+                        threshold=th)
 
 
 def summarise(rows: list[dict[str, Any]], task: str) -> list[dict[str, Any]]:

@@ -231,3 +231,36 @@ def test_study_tta_predicts_the_dihedral_mean():
     np.testing.assert_array_equal(study._predict(conv, rot, tta=True), np.rot90(pred, 1))
     # without TTA the asymmetric kernel's prediction is not rotation-invariant
     assert (study._predict(conv, rot) != np.rot90(study._predict(conv, x), 1)).any()
+
+
+def test_threshold_rule_tunes_each_trained_model_on_its_own_crops(tmp_path, monkeypatch):
+    with pytest.raises(StudyError, match="grain_size"):
+        parse_study(BASE.replace("boundary", "particle") + "conditions: [scratch]\nmodel: {threshold: grain_size}\n")
+    assert parse_study(BASE + "conditions: [scratch]\n").model.threshold == "argmax"
+    _real_folder(tmp_path)
+    from sdk import study
+    from sdk import threshold as thr
+
+    seen: list[int] = []
+    real_tune = thr.tune_threshold
+
+    def spy(probs, masks, **kw):
+        seen.append(len(probs))
+        assert kw["objective"] == "grain_size"
+        return real_tune(probs, masks, **kw)
+
+    monkeypatch.setattr(thr, "tune_threshold", spy)
+    spec = parse_study(BASE + """folds: 2
+k: [2]
+conditions: [classical, scratch]
+model: {depth: 2, width: 4, crop: 32, batch_size: 2, steps_per_epoch: 2, threshold: grain_size}
+budget: {model_minutes: 0.05, max_epochs: 2, total_minutes: 2}
+""")
+    run_study(spec, tmp_path, tmp_path / "out", log=lambda m: None)
+    rows = list(csv.DictReader(open(tmp_path / "out" / "results.csv")))
+    # tuned on the 2 training crops of each fold's scratch model, never for the zero-label rows
+    assert seen == [2, 2]
+    tuned = [r for r in rows if r["condition"] == "scratch"]
+    assert len(tuned) == 2 and all(0 < float(r["threshold"]) < 1 for r in tuned)
+    assert all(r["threshold"] == "" for r in rows if r["condition"] == "classical")
+    assert study.ModelSpec().threshold == "argmax"
