@@ -111,6 +111,10 @@ def register(subparsers: Any) -> None:
                         "the name before the first '-', as sdk.data.default_group)")
     f.add_argument("--train-files", nargs="+", default=None,
                    help="use these image file names for training instead of a seeded choice")
+    f.add_argument("--tune-threshold", choices=("metric", "grain_size"), default=None,
+                   help="after training, tune the decision threshold on the training images for the main "
+                        "metric (boundary F1 / IoU) or for the Heyn grain size (boundary labels); stored in "
+                        "the model and used by `twin predict` (default: none, 0.5)")
     f.set_defaults(func=_cmd_finetune)
 
     e = subparsers.add_parser("evaluate", help="metrics of a model on labelled real images",
@@ -140,7 +144,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("model")
     p.add_argument("inputs", nargs="+", help="image files or folders")
     p.add_argument("-o", "--output", required=True, help="output folder")
-    p.add_argument("--threshold", type=float, default=0.5, help="mask threshold on the probability (default 0.5)")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="mask threshold on the probability (default: the model's tuned threshold from "
+                        "`twin finetune --tune-threshold`, else 0.5)")
     p.add_argument("--tile", type=int, default=512, help="tile size (default 512)")
     p.add_argument("--overlap", type=int, default=64, help="tile overlap in px (default 64)")
     p.add_argument("--device", default="auto")
@@ -438,6 +444,8 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     model, meta = _load_model(args.model, device)
     _check_label(args, meta)
     dmeta = dict(meta.get("data", {}))
+    if args.tune_threshold == "grain_size" and dmeta.get("boundary_class") is None:
+        raise CLIError("--tune-threshold grain_size needs a boundary model (its label has no boundary class)")
     channels = int(dmeta.get("channels", 1))
     normalize = dmeta.get("normalize", "percentile")
     crop = args.crop or dmeta.get("crop")
@@ -517,7 +525,38 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     hist = trainer.fit()
     _quiet_print(args, f"wrote {out} ({len(hist.rows)} epochs, {hist.seconds:.0f} s, {hist.stopped}); "
                        f"log in {log_dir}")
+    if args.tune_threshold:
+        _store_tuned_threshold(args, out, everything, [names.index(f) for f in train_files], device)
     return 0
+
+
+def _store_tuned_threshold(args: argparse.Namespace, path: Path, images: Any, train_idx: list[int],
+                           device: Any) -> None:
+    """Tune the decision threshold of the written model on its training images; store it in the file."""
+    import torch
+
+    from sdk.models import save_checkpoint
+    from sdk.threshold import tune_threshold
+    from sdk.trainer import predict_tiled
+
+    model, meta = _load_model(str(path), device)
+    bclass = meta.get("data", {}).get("boundary_class")
+    task = "boundary" if bclass is not None else "particle"
+    fg = int(bclass) if bclass is not None else 1
+    probs, masks = [], []
+    for i in train_idx:
+        x, y = images[i]
+        with torch.no_grad():
+            p = predict_tiled(model, x.numpy(), tile=max(x.shape[-2:]), overlap=0, device=device, amp="off")
+        probs.append(p[fg] if p.shape[0] > 1 else p[0])
+        masks.append(y.numpy() == fg)
+    th = tune_threshold(probs, masks, objective=args.tune_threshold, task=task)
+    keep = {k: v for k, v in meta.items() if k not in ("format", "format_version", "model_config")}
+    keep["decision_threshold"] = {"value": th, "objective": args.tune_threshold,
+                                  "tuned_on": [str(images.names[i]) for i in train_idx]}
+    save_checkpoint(path, model, **keep)
+    _quiet_print(args, f"decision threshold {th:g} ({args.tune_threshold}, tuned on the {len(train_idx)} "
+                       f"training images) stored in {path}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -752,7 +791,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
     from sdk.trainer import predict_tiled, select_device
 
-    if not 0 < args.threshold < 1:
+    if args.threshold is not None and not 0 < args.threshold < 1:
         raise CLIError(f"--threshold must be in (0, 1), got {args.threshold}")
     if args.tile < 16 or not 0 <= args.overlap < args.tile // 2:
         raise CLIError(f"--tile must be >= 16 and 0 <= --overlap < tile/2 (got {args.tile}, {args.overlap})")
@@ -763,6 +802,9 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     channels = int(dmeta.get("channels", 1))
     bclass = dmeta.get("boundary_class")
     fg = int(bclass) if bclass is not None else 1
+    threshold = args.threshold
+    if threshold is None:
+        threshold = float(meta.get("decision_threshold", {}).get("value", 0.5))
     out = Path(args.output)
     (out / "probs").mkdir(parents=True, exist_ok=True)
     (out / "masks").mkdir(parents=True, exist_ok=True)
@@ -772,8 +814,9 @@ def _cmd_predict(args: argparse.Namespace) -> int:
                               tta=args.tta)
         p = probs[fg] if probs.shape[0] > 1 else probs[0]
         Image.fromarray((np.clip(p, 0, 1) * 255 + 0.5).astype(np.uint8)).save(out / "probs" / f"{f.stem}.png")
-        Image.fromarray(((p >= args.threshold) * 255).astype(np.uint8)).save(out / "masks" / f"{f.stem}.png")
-    print(f"wrote {len(files)} probability maps to {out / 'probs'} and masks to {out / 'masks'}")
+        Image.fromarray(((p >= threshold) * 255).astype(np.uint8)).save(out / "masks" / f"{f.stem}.png")
+    print(f"wrote {len(files)} probability maps to {out / 'probs'} and masks (probability >= {threshold:g}) "
+          f"to {out / 'masks'}")
     return 0
 
 

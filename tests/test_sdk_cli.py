@@ -160,3 +160,37 @@ def test_choose_crops_spreads_over_micrographs():
     assert choose_crops(names, groups, 4, 2, 0) == (tr, va) and choose_crops(names, groups, 4, 2, 1) != (tr, va)
     tr8, _ = choose_crops(names, groups, k=8, v=0, seed=0)  # more crops than micrographs: round robin
     assert len(tr8) == 8 and len(set(tr8)) == 8 and len({n[0] for n in tr8}) == 6
+
+
+def test_finetune_tunes_a_stored_threshold_that_predict_uses(work, monkeypatch):
+    from PIL import Image
+
+    from sdk import threshold as thr
+
+    calls = []
+    real_tune = thr.tune_threshold
+
+    def spy(probs, masks, **kw):  # the tuning sees the training images only
+        calls.append((len(probs), kw["objective"], kw["task"]))
+        return real_tune(probs, masks, **kw)
+
+    monkeypatch.setattr(thr, "tune_threshold", spy)
+    tuned = work["tmp"] / "tuned_th.pt"
+    assert main(["finetune", str(work["model"]), "--real", str(work["real"]), "--labels", "2", "-o", str(tuned),
+                 "--epochs", "2", "--steps-per-epoch", "2", "--epochs-per-stage", "1", "--batch-size", "2",
+                 "--augment", "none", "--max-minutes", "2", "--seed", "3", "-q",
+                 "--tune-threshold", "grain_size"]) == 0
+    assert calls == [(2, "grain_size", "boundary")]
+    meta = torch.load(tuned, map_location="cpu", weights_only=True)
+    dt = meta["decision_threshold"]
+    assert 0 < dt["value"] < 1 and dt["tuned_on"] == meta["split"]["train_files"]
+    assert meta["stage"] == "finetune" and meta["log"]  # the rest of the metadata survives the rewrite
+    # predict uses the stored threshold unless --threshold overrides it
+    src = work["real"] / "images" / meta["split"]["train_files"][0]
+    for extra, th in (([], dt["value"]), (["--threshold", "0.5"], 0.5)):
+        out = work["tmp"] / f"pred_th{len(extra)}"
+        assert main(["predict", str(tuned), str(src), "-o", str(out), *extra]) == 0
+        prob = np.asarray(Image.open(out / "probs" / src.name)).astype(float) / 255
+        mask = np.asarray(Image.open(out / "masks" / src.name)) == 255
+        near = np.abs(prob - th) < 1 / 255  # 8-bit rounding of the stored probability
+        assert np.array_equal(mask[~near], (prob >= th)[~near])
