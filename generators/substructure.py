@@ -56,6 +56,7 @@ from generators.voronoi import Tessellation
 __all__ = [
     "CellPolygons",
     "cell_polygons",
+    "cell_polygons_of",
     "Subgrains",
     "SubgrainStructure",
     "SubgrainParams",
@@ -445,13 +446,35 @@ def cell_polygons(tess: Tessellation, first_candidates: int = 16, ring_search: b
         Non-periodic specimens are clipped to the box ``[−M, Lx + M] × [−M, Ly + M]``,
         ``M = max(Lx, Ly)`` (edges labelled ``-1``); empty Laguerre cells have no vertices.
     """
+    return cell_polygons_of(tess.seeds, tess.weights, tess.extent, tess.periodic,
+                            first_candidates=first_candidates, ring_search=ring_search)
+
+
+def cell_polygons_of(seeds: np.ndarray, weights: np.ndarray | None,
+                     extent: tuple[float, float], periodic: bool, first_candidates: int = 16,
+                     ring_search: bool = True) -> CellPolygons:
+    """:func:`cell_polygons` from a tessellation's arrays, without building one (the same
+    polygons, bit for bit).
+
+    Parameters
+    ----------
+    seeds : ndarray (n, 2) float64, C-contiguous, px, inside ``[0, Lx) × [0, Ly)``
+    weights : ndarray (n,) float64 or None, power weights (px²)
+    extent : (Lx, Ly), px
+    periodic : bool
+    first_candidates, ring_search
+        As in :func:`cell_polygons`.
+
+    Returns
+    -------
+    CellPolygons
+    """
     if first_candidates < 1:
         raise ValueError(f"first_candidates must be >= 1, got {first_candidates}")
-    seeds = tess.seeds
-    n = tess.n_seeds
-    lx, ly = tess.extent
-    w = np.zeros(n) if tess.weights is None else tess.weights - tess.weights.max()
-    periodic = bool(tess.periodic)
+    n = seeds.shape[0]
+    lx, ly = extent
+    w = np.zeros(n) if weights is None else weights - weights.max()
+    periodic = bool(periodic)
     m_img = 1 if periodic else 0
     rounds = []  # (cells, vertex counts, vx, vy, ve) of the certified rows of each pass
     todo = np.arange(n)
