@@ -26,6 +26,19 @@ __all__ = ["ChannellingContrast", "ChannellingParams", "groove_signal", "boundar
 
 FWHM_TO_SIGMA = 1.0 / (2.0 * math.sqrt(2.0 * math.log(2.0)))
 _BLOCK = 4096  # pixels per parallel chunk of the signal kernels
+#: exponent below which a groove leaves its factor exactly 1: ``depth · exp(a) < 2^-54`` for
+#: ``a < -40`` and ``depth ≤ 1``, so ``1 − depth · exp(a)`` rounds to 1.0 in float64 (ties to
+#: even) and the exp can be skipped without changing a bit
+_NEGLIGIBLE_EXP = -40.0
+
+
+@njit(cache=True, inline="always")
+def _groove_one_minus(depth, a):
+    """``1 − depth · exp(a)`` (float64), bit for bit, without the exp where it cannot matter
+    (``a < _NEGLIGIBLE_EXP``, ``0 ≤ depth ≤ 1``; the groove kernels check the depth)."""
+    if a < _NEGLIGIBLE_EXP:
+        return 1.0
+    return 1.0 - depth * math.exp(a)
 
 
 @njit(parallel=True, cache=True)
@@ -104,7 +117,7 @@ def _shaded_kernel(gid, dist, intensity, sigma, depth, use_twin, tdist, tsigma, 
             v = intensity[gid[i]]
             if groove:
                 if d != last_d:
-                    last_f = 1.0 - depth * math.exp(-d * d * inv)
+                    last_f = _groove_one_minus(depth, -d * d * inv)
                     last_d = d
                 v *= last_f
             sig = np.float32(v)
@@ -122,13 +135,13 @@ def _shaded_factors(i, sig, use_twin, tdist, tinv, tsigma, tdepth, use_sub, sid,
     f = np.float32(1.0)
     if use_twin:
         td = tdist[i]
-        f = np.float32(1.0 - tdepth * math.exp(-td * td * tinv) if tsigma > 0.0 else 1.0)
+        f = np.float32(_groove_one_minus(tdepth, -td * td * tinv) if tsigma > 0.0 else 1.0)
         have = True
     if use_sub:
         w = 1.0 + sdelta[sid[i]]
         if ssigma > 0.0 and sdepth > 0.0:
             sd = sdist[i]
-            w *= 1.0 - sdepth * math.exp(-sd * sd * sinv)
+            w *= _groove_one_minus(sdepth, -sd * sd * sinv)
         fs = np.float32(w)
         f = f * fs if have else fs
         have = True

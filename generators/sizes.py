@@ -20,7 +20,7 @@ from numba import njit
 from scipy import sparse
 from scipy.sparse.linalg import splu
 
-from generators.substructure import cell_polygons
+from generators.substructure import cell_polygons, cell_polygons_of
 from generators.voronoi import Tessellation
 
 __all__ = ["lognormal_targets", "fit_laguerre_weights", "GrainSizeControl"]
@@ -148,6 +148,13 @@ def _areas_hessian_kernel(v, nb, start, seeds, lx, ly, periodic):
     return areas, indptr, indices, data
 
 
+def _kernel_inputs(cells, seeds: np.ndarray, extent, periodic: bool) -> tuple:
+    lx, ly = extent
+    return (np.ascontiguousarray(cells.vertices), cells.edge_neighbour.astype(np.int64),
+            cells.start.astype(np.int64), np.ascontiguousarray(seeds, dtype=np.float64),
+            float(lx), float(ly), bool(periodic))
+
+
 def _areas_and_hessian(tess: Tessellation, cells=None):
     """Exact cell areas and the sparse Hessian ``∂A_i/∂w_j`` (px² per px²) of a tessellation.
 
@@ -159,13 +166,44 @@ def _areas_and_hessian(tess: Tessellation, cells=None):
     if cells is None:
         cells = cell_polygons(tess)
     n = cells.n_cells
-    lx, ly = tess.extent
     areas, indptr, indices, data = _areas_hessian_kernel(
-        np.ascontiguousarray(cells.vertices), cells.edge_neighbour.astype(np.int64),
-        cells.start.astype(np.int64), np.ascontiguousarray(tess.seeds, dtype=np.float64),
-        float(lx), float(ly), bool(tess.periodic))
+        *_kernel_inputs(cells, tess.seeds, tess.extent, tess.periodic))
     hess = sparse.csc_matrix((data, indices, indptr), shape=(n, n))
     return areas, hess, cells
+
+
+@njit(cache=True)
+def _ground_kernel(indptr, indices, data):
+    """CSC arrays ``(indptr, indices, data)`` of the matrix without its first row and column,
+    entries in their order (what ``hess[1:, 1:].tocsc()`` gives)."""
+    n = indptr.shape[0] - 1
+    m = 0
+    for t in range(indptr[1], indptr[n]):
+        if indices[t] != 0:
+            m += 1
+    ip = np.zeros(max(n, 1), dtype=np.int32)
+    ix = np.empty(m, dtype=np.int32)
+    dd = np.empty(m)
+    k = 0
+    for c in range(1, n):
+        for t in range(indptr[c], indptr[c + 1]):
+            if indices[t] != 0:
+                ix[k] = indices[t] - 1
+                dd[k] = data[t]
+                k += 1
+        ip[c] = k
+    return ip, ix, dd
+
+
+def _areas_and_grounded(seeds: np.ndarray, weights: np.ndarray | None,
+                        extent: tuple[float, float], periodic: bool):
+    """Areas (n,) px², the grounded Hessian's CSC arrays (first row and column dropped: the
+    weights are defined up to a constant) and the cells, from the arrays of a tessellation
+    (:func:`_areas_and_hessian` without building the tessellation or the full matrix)."""
+    cells = cell_polygons_of(seeds, weights, extent, periodic)
+    areas, indptr, indices, data = _areas_hessian_kernel(
+        *_kernel_inputs(cells, seeds, extent, periodic))
+    return areas, _ground_kernel(indptr, indices, data), cells
 
 
 def fit_laguerre_weights(tess: Tessellation, targets: np.ndarray, *, tolerance: float = 0.01,
@@ -176,7 +214,9 @@ def fit_laguerre_weights(tess: Tessellation, targets: np.ndarray, *, tolerance: 
     The areas are the gradient of the concave semi-discrete optimal-transport functional of the
     weights, so Newton's method on ``A(w) = T`` with a sparse Hessian (:func:`_areas_and_hessian`)
     and step halving until no cell empties and the error falls converges quadratically
-    (Kitagawa, Mérigot & Thibert 2019).  Seeds are not moved.
+    (Kitagawa, Mérigot & Thibert 2019).  Seeds are not moved.  Trial weights are evaluated from
+    the seed and weight arrays (:func:`_areas_and_grounded`); a tessellation is built for the
+    result only.
 
     Parameters
     ----------
@@ -204,15 +244,16 @@ def fit_laguerre_weights(tess: Tessellation, targets: np.ndarray, *, tolerance: 
     if np.any(t <= 0):
         raise ValueError("target areas must be > 0 px^2")
     w = np.zeros(n) if tess.weights is None else np.array(tess.weights, dtype=np.float64)
-    cur = tess
-    areas, hess, cells = _areas_and_hessian(cur)
+    seeds, ext, per = tess.seeds, tess.extent, bool(tess.periodic)
+    fitted = None  # the accepted weights (shifted to max 0), None while none was accepted
+    areas, ground, cells = _areas_and_grounded(seeds, tess.weights, ext, per)
     err = float(np.abs((areas - t) / t).max())
     it = 0
     for it in range(1, max_iterations + 1):
         if err < tolerance or n == 1:
             break
-        # ground the Laplacian-like Hessian: weights are defined up to a constant
-        h = hess[1:, 1:].tocsc()
+        # the grounded Laplacian-like Hessian: weights are defined up to a constant
+        h = sparse.csc_matrix((ground[2], ground[1], ground[0]), shape=(n - 1, n - 1))
         dw = np.zeros(n)
         dw[1:] = splu(h, permc_spec="MMD_AT_PLUS_A",  # symmetric: cheaper ordering and pivots
                       options={"SymmetricMode": True}).solve((t - areas)[1:])
@@ -222,18 +263,19 @@ def fit_laguerre_weights(tess: Tessellation, targets: np.ndarray, *, tolerance: 
         rms = float(np.sqrt(np.mean(((areas - t) / t) ** 2)))
         while lam > 1e-4:
             wn = w + lam * dw
-            trial = Tessellation(tess.seeds, tess.extent, weights=wn - wn.max(),
-                                 periodic=tess.periodic, seeds_per_cell=tess.seeds_per_cell,
-                                 tile_divisor=tess.tile_divisor)
-            a2, h2, c2 = _areas_and_hessian(trial)
+            trial_w = wn - wn.max()
+            a2, g2, c2 = _areas_and_grounded(seeds, trial_w, ext, per)
             r2 = float(np.sqrt(np.mean(((a2 - t) / t) ** 2)))
             if a2.min() > 0 and r2 < rms:
                 break
             lam *= 0.5
         else:
             break
-        w, cur, areas, hess, cells = wn - wn.max(), trial, a2, h2, c2
+        w, fitted, areas, ground, cells = trial_w, trial_w, a2, g2, c2
         err = float(np.abs((areas - t) / t).max())
+    cur = tess if fitted is None else Tessellation(
+        seeds, ext, weights=fitted, periodic=tess.periodic, seeds_per_cell=tess.seeds_per_cell,
+        tile_divisor=tess.tile_divisor)
     rel = (areas - t) / t
     info = {"iterations": it, "max_rel_error": float(np.abs(rel).max()),
             "rms_rel_error": float(np.sqrt(np.mean(rel**2)))}

@@ -56,6 +56,7 @@ from generators.voronoi import Tessellation
 __all__ = [
     "CellPolygons",
     "cell_polygons",
+    "cell_polygons_of",
     "Subgrains",
     "SubgrainStructure",
     "SubgrainParams",
@@ -445,13 +446,35 @@ def cell_polygons(tess: Tessellation, first_candidates: int = 16, ring_search: b
         Non-periodic specimens are clipped to the box ``[−M, Lx + M] × [−M, Ly + M]``,
         ``M = max(Lx, Ly)`` (edges labelled ``-1``); empty Laguerre cells have no vertices.
     """
+    return cell_polygons_of(tess.seeds, tess.weights, tess.extent, tess.periodic,
+                            first_candidates=first_candidates, ring_search=ring_search)
+
+
+def cell_polygons_of(seeds: np.ndarray, weights: np.ndarray | None,
+                     extent: tuple[float, float], periodic: bool, first_candidates: int = 16,
+                     ring_search: bool = True) -> CellPolygons:
+    """:func:`cell_polygons` from a tessellation's arrays, without building one (the same
+    polygons, bit for bit).
+
+    Parameters
+    ----------
+    seeds : ndarray (n, 2) float64, C-contiguous, px, inside ``[0, Lx) × [0, Ly)``
+    weights : ndarray (n,) float64 or None, power weights (px²)
+    extent : (Lx, Ly), px
+    periodic : bool
+    first_candidates, ring_search
+        As in :func:`cell_polygons`.
+
+    Returns
+    -------
+    CellPolygons
+    """
     if first_candidates < 1:
         raise ValueError(f"first_candidates must be >= 1, got {first_candidates}")
-    seeds = tess.seeds
-    n = tess.n_seeds
-    lx, ly = tess.extent
-    w = np.zeros(n) if tess.weights is None else tess.weights - tess.weights.max()
-    periodic = bool(tess.periodic)
+    n = seeds.shape[0]
+    lx, ly = extent
+    w = np.zeros(n) if weights is None else weights - weights.max()
+    periodic = bool(periodic)
     m_img = 1 if periodic else 0
     rounds = []  # (cells, vertex counts, vx, vy, ve) of the certified rows of each pass
     todo = np.arange(n)
@@ -533,6 +556,7 @@ def _subcells_kernel(sub_xy, sub_parent, gstart, cvx, cvy, cstart, cap, vx, vy, 
             qx[0, v] = cvx[a0 + v] - sx
             qy[0, v] = cvy[a0 + v] - sy
             qe[0, v] = -1
+        rmax2 = _rmax2(qx, qy, r, n)
         for q in range(gstart[g], gstart[g + 1]):
             if q == i or n == 0:
                 continue
@@ -541,13 +565,49 @@ def _subcells_kernel(sub_xy, sub_parent, gstart, cvx, cvy, cstart, cap, vx, vy, 
             sep2 = ex * ex + ey * ey
             if sep2 == 0.0:
                 continue
+            # a bisector beyond the polygon's circumdisc (with a margin far above rounding)
+            # leaves every vertex inside: _clip would copy the polygon unchanged
+            if sep2 * sep2 >= 4.0 * sep2 * rmax2 * (1.0 + 1e-9):
+                continue
             n = _clip(qx, qy, qe, r, n, 2.0 * ex, 2.0 * ey, sep2, q)
             r = 1 - r
+            rmax2 = _rmax2(qx, qy, r, n)
         nv[i] = n
         for v in range(n):
             vx[i, v] = qx[r, v] + sx
             vy[i, v] = qy[r, v] + sy
             ve[i, v] = qe[r, v]
+
+
+@njit(cache=True)
+def _bisector_segments(vx, vy, ve, nv):
+    """The bisector edges (label ``≥ 0``) of the sub-cell rows (vertices ``vx, vy``, edge labels
+    ``ve``, counts ``nv``), grouped by row in polygon order: segments (S, 4) ``x0, y0, x1, y1``
+    px, the other sub-seed of each (S,) int64 and the CSR offsets (m + 1,) int64."""
+    m = nv.shape[0]
+    sstart = np.zeros(m + 1, dtype=np.int64)
+    for i in range(m):
+        c = 0
+        for v in range(nv[i]):
+            if ve[i, v] >= 0:
+                c += 1
+        sstart[i + 1] = sstart[i] + c
+    seg = np.empty((sstart[m], 4))
+    seg_nb = np.empty(sstart[m], dtype=np.int64)
+    for i in range(m):
+        k = sstart[i]
+        n = nv[i]
+        for v in range(n):
+            if ve[i, v] < 0:
+                continue
+            w = v + 1 if v + 1 < n else 0
+            seg[k, 0] = vx[i, v]
+            seg[k, 1] = vy[i, v]
+            seg[k, 2] = vx[i, w]
+            seg[k, 3] = vy[i, w]
+            seg_nb[k] = ve[i, v]
+            k += 1
+    return seg, seg_nb, sstart
 
 
 @njit(cache=True, inline="always")
@@ -778,21 +838,14 @@ def build_subgrains(tess: Tessellation, sub_seeds: np.ndarray, delta: np.ndarray
     kmax = int(np.diff(gstart).max()) if n else 0
     cmax = int(np.diff(cells.start).max()) if n else 0
     cap = cmax + kmax + 1
-    vx = np.zeros((m, cap))
-    vy = np.zeros((m, cap))
-    ve = np.zeros((m, cap), dtype=np.int32)
+    vx = np.empty((m, cap))  # rows written up to nv
+    vy = np.empty((m, cap))
+    ve = np.empty((m, cap), dtype=np.int32)
     nv = np.zeros(m, dtype=np.int64)
     if m:
         _subcells_kernel(sub, parent, gstart, np.ascontiguousarray(cells.vertices[:, 0]),
                          np.ascontiguousarray(cells.vertices[:, 1]), cells.start, cap, vx, vy, ve, nv)
-    j = np.arange(cap)[None, :]
-    is_sub = (j < nv[:, None]) & (ve >= 0)
-    rows, cols = np.nonzero(is_sub)  # row-major: grouped by sub-seed, edges in polygon order
-    nxt = (cols + 1) % np.maximum(nv[rows], 1)
-    seg = np.ascontiguousarray(np.c_[vx[rows, cols], vy[rows, cols], vx[rows, nxt], vy[rows, nxt]])
-    seg_nb = np.ascontiguousarray(ve[rows, cols].astype(np.int64))
-    sstart = np.zeros(m + 1, dtype=np.int64)
-    sstart[1:] = np.cumsum(is_sub.sum(axis=1))
+    seg, seg_nb, sstart = _bisector_segments(vx, vy, ve, nv)
     whole_parent = np.arange(n, dtype=np.int32)
     return SubgrainStructure(
         seeds=sub, parent=np.r_[parent, whole_parent].astype(np.int32),
