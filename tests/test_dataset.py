@@ -168,6 +168,64 @@ def test_compression_filters_applied(tmp_path):
                 assert not filters
 
 
+@pytest.mark.parametrize("compression", COMPRESSIONS)
+def test_chunks_encoded_by_the_writer_are_the_filters_bytes(tmp_path, compression, monkeypatch):
+    """The writer compresses whole-sample chunks itself (Blosc through hdf5plugin's library,
+    raw bytes without filters) and writes them as stored: the chunks are byte for byte what
+    HDF5's filter pipeline stores, including an incompressible chunk (stored unfiltered by
+    the filter: the writer then hands it to HDF5) and multichannel/float images."""
+    import twin.dataset as dsm
+
+    def write(path, channels, image_dtype):
+        shape = (H, W) if channels is None else (H, W, channels)
+        with DatasetWriter(path, n_samples=3, image_shape=shape, image_dtype=image_dtype,
+                           labels=LABELS, attrs={}, compression=compression) as w:
+            for i in range(3):
+                image, labels, params, _ = make_sample(i, image_dtype, channels)
+                if i == 2:  # random bytes: Blosc cannot make them smaller
+                    labels["boundary"] = np.random.default_rng(7).integers(
+                        0, 256, (H, W)).astype(np.uint8)
+                w.write(i, image, labels, specimen_id=0, index=i, params=params)
+
+    for channels, image_dtype in ((None, "uint16"), (3, "float32")):
+        direct, through = tmp_path / f"d{channels}.h5", tmp_path / f"t{channels}.h5"
+        write(direct, channels, image_dtype)
+        with monkeypatch.context() as m:  # every chunk through HDF5's filters
+            m.setattr(dsm._ChunkEncoder, "encode", lambda self, arr: None)
+            write(through, channels, image_dtype)
+        with h5py.File(direct, "r") as f, h5py.File(through, "r") as g:
+            for name in ("images", "labels/grain_id", "labels/boundary"):
+                zeros = (0,) * (f[name].ndim - 1)
+                for i in range(3):
+                    assert (f[name].id.read_direct_chunk((i, *zeros))
+                            == g[name].id.read_direct_chunk((i, *zeros))), (name, i)
+                np.testing.assert_array_equal(f[name][...], g[name][...])
+            assert dsm.data_sha256(f) == dsm.data_sha256(g)
+    if compression == "lz4":
+        assert dsm._blosc_compress_ctx() is not None  # the fast path is there to be tested
+
+
+@pytest.mark.parametrize("compression", COMPRESSIONS)
+def test_running_checksum_equals_the_checksum_of_the_file(tmp_path, compression):
+    """``checksum=True`` keeps the images' and labels' digests while writing; whatever the
+    order of the writes (in order, out of order, a position written twice: then computed
+    from the file) it is the checksum of the file as stored."""
+    from twin.dataset import data_sha256
+
+    for order in ([0, 1, 2, 3, 4], [1, 0, 2, 3, 4], [0, 1, 2, 2, 3, 4]):
+        path = tmp_path / f"{compression}-{len(order)}-{order[0]}.h5"
+        with DatasetWriter(path, n_samples=N, image_shape=(H, W), image_dtype="uint16",
+                           labels=LABELS, attrs={}, compression=compression,
+                           checksum=True) as w:
+            for i in order:
+                image, labels, params, geo = make_sample(i)
+                w.write(i, image, labels, specimen_id=i // 2, index=i, params=params,
+                        geometry=geo)
+            digest = w.data_sha256()
+        with h5py.File(path, "r") as f:
+            assert data_sha256(f) == digest
+
+
 def test_multichannel_images(tmp_path):
     path = tmp_path / "rgb.h5"
     write_file(path, n=2, channels=3, geometry=False)
