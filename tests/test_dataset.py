@@ -226,6 +226,37 @@ def test_running_checksum_equals_the_checksum_of_the_file(tmp_path, compression)
             assert data_sha256(f) == digest
 
 
+def test_meta_rows_written_in_batches_keep_the_last_write(tmp_path):
+    """``/meta`` rows are written in batches: more samples than a batch, in shuffled order,
+    one position written twice (the last write wins), and ``writer.file`` read mid-way sees
+    every row written so far."""
+    import twin.dataset as dsm
+
+    n = 2 * dsm._META_BATCH + 7
+    order = list(np.random.default_rng(5).permutation(n)) + [3]
+    spec = {"grain_id": LabelSpec("int32", "instance")}
+    path = tmp_path / "meta.h5"
+    with DatasetWriter(path, n_samples=n, image_shape=(4, 4), image_dtype="uint16",
+                       labels=spec, attrs={}) as w:
+        for k, i in enumerate(order):
+            last = k == len(order) - 1
+            w.write(int(i), np.full((4, 4), i, np.uint16), {"grain_id": np.zeros((4, 4), np.int32)},
+                    specimen_id=int(i) // 3 + (100 if last else 0), index=int(i),
+                    params={"i": int(i), "last": last})
+            if k == 10:
+                seen = w.file["meta/index"][...]
+                assert all(seen[j] == j for j in order[:11])
+                assert json.loads(w.file["meta/params"][int(order[10])])["i"] == order[10]
+    with open_dataset(path) as ds:
+        np.testing.assert_array_equal(ds.indices(), np.arange(n))
+        expect = np.arange(n) // 3
+        expect[3] += 100
+        np.testing.assert_array_equal(ds.specimen_ids(), expect)
+        assert ds.params(3) == {"i": 3, "last": True}
+        assert ds.params(n - 1) == {"i": n - 1, "last": False}
+        np.testing.assert_array_equal(ds.image(n - 1), np.full((4, 4), n - 1, np.uint16))
+
+
 def test_multichannel_images(tmp_path):
     path = tmp_path / "rgb.h5"
     write_file(path, n=2, channels=3, geometry=False)

@@ -89,6 +89,9 @@ DEFAULT_COMPRESSION = "lz4"
 
 _GZIP_LEVEL = 1
 _BLOSC_LEVEL = 5
+# per-sample /meta rows are written in batches of this many (one HDF5 write per dataset and
+# batch instead of three per sample: ~0.1 ms per sample; bounded memory for large files)
+_META_BATCH = 64
 
 # Root attributes the writer owns; callers may not pass them in ``attrs``.
 _RESERVED_ATTRS = frozenset(
@@ -646,6 +649,9 @@ class DatasetWriter:
         self._params = meta.create_dataset(
             "params", shape=(n,), dtype=h5py.string_dtype("utf-8"), track_times=False
         )
+        # per-sample meta rows waiting to be written in one call per dataset (position ->
+        # (specimen_id, index, params JSON)); at most _META_BATCH of them
+        self._meta_pending: dict[int, tuple[int, int, str]] = {}
         self._geometry: dict[str, h5py.Dataset] = {}
 
     # ---- writing ----
@@ -764,9 +770,9 @@ class DatasetWriter:
             self._store(self._images, i, image)
             for lname, arr in label_arrays.items():
                 self._store(self._label_ds[lname], i, arr)
-            self._specimen[i] = int(specimen_id)
-            self._index[i] = int(index)
-            self._params[i] = params_json
+            self._meta_pending[i] = (int(specimen_id), int(index), params_json)
+            if len(self._meta_pending) >= _META_BATCH:
+                self._flush_meta()
             for gname, arr in geo_arrays.items():
                 ds = self._geometry.get(gname)
                 if ds is None:
@@ -781,6 +787,25 @@ class DatasetWriter:
         except OSError as exc:
             raise DatasetError(f"{name}: cannot write sample {i}: {exc}")
         self._written[i] = True
+
+    def _flush_meta(self) -> None:
+        """Write the pending ``/meta`` rows, one call per dataset and run of positions."""
+        pending = self._meta_pending
+        if not pending:
+            return
+        pos = sorted(pending)
+        self._meta_pending = {}
+        a = 0
+        while a < len(pos):
+            b = a + 1
+            while b < len(pos) and pos[b] == pos[b - 1] + 1:
+                b += 1
+            rows = [pending[p] for p in pos[a:b]]
+            lo, hi = pos[a], pos[b - 1] + 1
+            self._specimen[lo:hi] = np.array([r[0] for r in rows], dtype=np.int64)
+            self._index[lo:hi] = np.array([r[1] for r in rows], dtype=np.int64)
+            self._params[lo:hi] = np.array([r[2] for r in rows], dtype=object)
+            a = b
 
     def _store(self, ds: h5py.Dataset, i: int, arr: np.ndarray) -> None:
         """Write sample ``i`` of an image/label dataset (one chunk), feeding its checksum."""
@@ -816,9 +841,13 @@ class DatasetWriter:
             raise DatasetError(f"{self.path.name}: writer is closed")
         known = {name: st[0].digest() for name, st in (self._streams or {}).items()
                  if st is not None and st[1] == self.n_samples}
-        if len(known) < len(self._encoders):
-            self._file.flush()  # chunks still in HDF5's cache: the stored bytes, as on disk
-        return data_sha256(self._file, known)
+        try:
+            self._flush_meta()
+            if len(known) < len(self._encoders):
+                self._file.flush()  # chunks still in HDF5's cache: the stored bytes, as on disk
+            return data_sha256(self._file, known)
+        except OSError as exc:
+            raise DatasetError(f"{self.path.name}: cannot read back what was written: {exc}")
 
     # ---- attributes and bulk copies ----
 
@@ -831,6 +860,10 @@ class DatasetWriter:
         """
         if self._closed or self._file is None:
             raise DatasetError(f"{self.path.name}: writer is closed")
+        try:
+            self._flush_meta()
+        except OSError as exc:
+            raise DatasetError(f"{self.path.name}: cannot write the samples' meta rows: {exc}")
         return self._file
 
     def set_attrs(self, attrs: Mapping[str, Any]) -> None:
@@ -903,6 +936,7 @@ class DatasetWriter:
 
     def _copy_all(self, src: h5py.File, src_path: Path, start: int) -> int:
         name = self.path.name
+        self._flush_meta()  # rows written before are overwritten by the copy, as they were
         images = src["images"]
         m = int(images.shape[0])
         if images.shape[1:] != self.image_shape or images.dtype != self.image_dtype:
@@ -975,6 +1009,7 @@ class DatasetWriter:
             )
         try:
             assert self._file is not None and self._tmp is not None
+            self._flush_meta()
             self._file.attrs["complete"] = True
             self._file.close()
             self._file = None
