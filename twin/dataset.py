@@ -21,6 +21,13 @@ access in each process (h5py handles do not survive ``fork``).
 Files written with the default ``"lz4"`` compression use the Blosc filter from ``hdf5plugin``;
 this module imports ``hdf5plugin`` so the filter is registered. Code that reads such a file with
 h5py directly must ``import hdf5plugin`` first. ``"gzip"`` files open in any HDF5 tool.
+
+:class:`DatasetWriter` compresses each sample's image and label chunks itself where it can
+reproduce the dataset's filters (Blosc, through the library hdf5plugin registers; no filter) and
+writes them as stored (``write_direct_chunk``): the bytes HDF5's filter pipeline would store
+(tested), each compressed once, on the calling thread, without HDF5's chunk cache, and at hand
+for a checksum (:func:`data_sha256`) without reading the file back. gzip chunks go through
+HDF5's filters.
 """
 
 from __future__ import annotations
