@@ -39,7 +39,7 @@ import threading
 from dataclasses import dataclass, field
 
 import numpy as np
-from numba import njit, prange
+from numba import get_num_threads, njit, prange
 
 __all__ = [
     "Tessellation",
@@ -909,7 +909,9 @@ class _TilePool:
         # a frame's batch (~1-3k tiles, 1-3 ms) runs on this thread: its five parallel regions
         # would cost more than they save where other processes share the cores (a region waits
         # for its slowest thread: 2 threads, load 4 on 2 cores: 110 instead of 51 ms/sample)
-        par = tiles.size >= _PARALLEL_BUILD_TILES
+        # (and with one Numba thread every batch does: the parallel variants would only add
+        # their launch and, once per process, loading them from the cache, ~25 ms)
+        par = tiles.size >= _PARALLEL_BUILD_TILES and get_num_threads() > 1
         build_tiles, build_owners, pack_owners = (
             (_build_tiles, _build_owners, _pack_owners) if par
             else (_build_tiles_serial, _build_owners_serial, _pack_owners_serial))

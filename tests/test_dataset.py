@@ -168,6 +168,95 @@ def test_compression_filters_applied(tmp_path):
                 assert not filters
 
 
+@pytest.mark.parametrize("compression", COMPRESSIONS)
+def test_chunks_encoded_by_the_writer_are_the_filters_bytes(tmp_path, compression, monkeypatch):
+    """The writer compresses whole-sample chunks itself (Blosc through hdf5plugin's library,
+    raw bytes without filters) and writes them as stored: the chunks are byte for byte what
+    HDF5's filter pipeline stores, including an incompressible chunk (stored unfiltered by
+    the filter: the writer then hands it to HDF5) and multichannel/float images."""
+    import twin.dataset as dsm
+
+    def write(path, channels, image_dtype):
+        shape = (H, W) if channels is None else (H, W, channels)
+        with DatasetWriter(path, n_samples=3, image_shape=shape, image_dtype=image_dtype,
+                           labels=LABELS, attrs={}, compression=compression) as w:
+            for i in range(3):
+                image, labels, params, _ = make_sample(i, image_dtype, channels)
+                if i == 2:  # random bytes: Blosc cannot make them smaller
+                    labels["boundary"] = np.random.default_rng(7).integers(
+                        0, 256, (H, W)).astype(np.uint8)
+                w.write(i, image, labels, specimen_id=0, index=i, params=params)
+
+    for channels, image_dtype in ((None, "uint16"), (3, "float32")):
+        direct, through = tmp_path / f"d{channels}.h5", tmp_path / f"t{channels}.h5"
+        write(direct, channels, image_dtype)
+        with monkeypatch.context() as m:  # every chunk through HDF5's filters
+            m.setattr(dsm._ChunkEncoder, "encode", lambda self, arr: None)
+            write(through, channels, image_dtype)
+        with h5py.File(direct, "r") as f, h5py.File(through, "r") as g:
+            for name in ("images", "labels/grain_id", "labels/boundary"):
+                zeros = (0,) * (f[name].ndim - 1)
+                for i in range(3):
+                    assert (f[name].id.read_direct_chunk((i, *zeros))
+                            == g[name].id.read_direct_chunk((i, *zeros))), (name, i)
+                np.testing.assert_array_equal(f[name][...], g[name][...])
+            assert dsm.data_sha256(f) == dsm.data_sha256(g)
+    if compression == "lz4":
+        assert dsm._blosc_compress_ctx() is not None  # the fast path is there to be tested
+
+
+@pytest.mark.parametrize("compression", COMPRESSIONS)
+def test_running_checksum_equals_the_checksum_of_the_file(tmp_path, compression):
+    """``checksum=True`` keeps the images' and labels' digests while writing; whatever the
+    order of the writes (in order, out of order, a position written twice: then computed
+    from the file) it is the checksum of the file as stored."""
+    from twin.dataset import data_sha256
+
+    for order in ([0, 1, 2, 3, 4], [1, 0, 2, 3, 4], [0, 1, 2, 2, 3, 4]):
+        path = tmp_path / f"{compression}-{len(order)}-{order[0]}.h5"
+        with DatasetWriter(path, n_samples=N, image_shape=(H, W), image_dtype="uint16",
+                           labels=LABELS, attrs={}, compression=compression,
+                           checksum=True) as w:
+            for i in order:
+                image, labels, params, geo = make_sample(i)
+                w.write(i, image, labels, specimen_id=i // 2, index=i, params=params,
+                        geometry=geo)
+            digest = w.data_sha256()
+        with h5py.File(path, "r") as f:
+            assert data_sha256(f) == digest
+
+
+def test_meta_rows_written_in_batches_keep_the_last_write(tmp_path):
+    """``/meta`` rows are written in batches: more samples than a batch, in shuffled order,
+    one position written twice (the last write wins), and ``writer.file`` read mid-way sees
+    every row written so far."""
+    import twin.dataset as dsm
+
+    n = 2 * dsm._META_BATCH + 7
+    order = list(np.random.default_rng(5).permutation(n)) + [3]
+    spec = {"grain_id": LabelSpec("int32", "instance")}
+    path = tmp_path / "meta.h5"
+    with DatasetWriter(path, n_samples=n, image_shape=(4, 4), image_dtype="uint16",
+                       labels=spec, attrs={}) as w:
+        for k, i in enumerate(order):
+            last = k == len(order) - 1
+            w.write(int(i), np.full((4, 4), i, np.uint16), {"grain_id": np.zeros((4, 4), np.int32)},
+                    specimen_id=int(i) // 3 + (100 if last else 0), index=int(i),
+                    params={"i": int(i), "last": last})
+            if k == 10:
+                seen = w.file["meta/index"][...]
+                assert all(seen[j] == j for j in order[:11])
+                assert json.loads(w.file["meta/params"][int(order[10])])["i"] == order[10]
+    with open_dataset(path) as ds:
+        np.testing.assert_array_equal(ds.indices(), np.arange(n))
+        expect = np.arange(n) // 3
+        expect[3] += 100
+        np.testing.assert_array_equal(ds.specimen_ids(), expect)
+        assert ds.params(3) == {"i": 3, "last": True}
+        assert ds.params(n - 1) == {"i": n - 1, "last": False}
+        np.testing.assert_array_equal(ds.image(n - 1), np.full((4, 4), n - 1, np.uint16))
+
+
 def test_multichannel_images(tmp_path):
     path = tmp_path / "rgb.h5"
     write_file(path, n=2, channels=3, geometry=False)

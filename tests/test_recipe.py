@@ -52,6 +52,29 @@ def test_malformed_yaml_and_non_mapping():
         parse_recipe("- a\n- b\n", "r.yaml")
 
 
+def test_fast_yaml_loader_parses_like_safe_load():
+    """Recipes and profiles are parsed by libyaml where PyYAML has it: the same objects as
+    ``yaml.safe_load`` for every shipped file and for YAML's tricky scalars, and malformed
+    text gives safe_load's own error (message, line, column)."""
+    import yaml
+
+    from twin.recipe import safe_load_yaml
+
+    texts = [p.read_text(encoding="utf-8") for p in sorted((ROOT / "recipes").glob("*.yaml"))]
+    texts += [p.read_text(encoding="utf-8")
+              for p in sorted((ROOT / "twin" / "instruments").glob("*.yaml"))]
+    texts.append("a: yes\nb: 1e3\nc: 1.0e3\nd: 0x1f\ne: ~\nf: 2024-01-02\ng: '012'\nh: .inf\n"
+                 "i: [1, 2.5, -3]\nj: {k: on, l: null}\nm: 'ümlaut'\nn: 0o17\no: 1_000\n")
+    for text in texts:
+        assert safe_load_yaml(text) == yaml.safe_load(text)
+    for bad in ("name: [a\n", "a: b: c\n", "a:\n\t- x\n"):
+        with pytest.raises(yaml.YAMLError) as fast:
+            safe_load_yaml(bad)
+        with pytest.raises(yaml.YAMLError) as slow:
+            yaml.safe_load(bad)
+        assert str(fast.value) == str(slow.value)
+
+
 def test_unknown_instrument_lists_shipped():
     with pytest.raises(RecipeError, match="unknown instrument 'nope'.*generic-sem"):
         load_instrument("nope")

@@ -430,6 +430,39 @@ def test_a_corrupt_or_foreign_shard_is_regenerated(small, reference, tmp_path, s
     assert_same(reference, out)
 
 
+def test_a_changed_stored_chunk_or_another_checksum_scheme_is_caught(small, tmp_path,
+                                                                     shard_log):
+    """The checksum, computed while the shard was written, covers the stored (compressed)
+    bytes: one byte changed inside a chunk (same length, no HDF5 error on reading it back raw)
+    fails verification, and so does a shard whose checksum is of another scheme; both are
+    regenerated on resume."""
+    out = tmp_path / "out.h5"
+    generate_dataset(small, out, workers=1, shard_size=8, keep_shards=True)
+    reference = tmp_path / "reference.h5"
+    out.rename(reference)
+    d = shard_dir_for(out)
+    spec = run_spec(small, shard_size=8)
+    p0, p2 = d / "shard-000000.h5", d / "shard-000002.h5"
+    with h5py.File(p0, "r+") as f:
+        ds = f["labels/grain_id"]
+        mask, data = ds.id.read_direct_chunk((3, 0, 0))
+        changed = bytearray(data)
+        changed[len(changed) // 2] ^= 0x01
+        ds.id.write_direct_chunk((3, 0, 0), bytes(changed), filter_mask=mask)
+    assert "checksum mismatch" in verify_shard(p0, spec, 0)
+    assert verify_shard(p0, spec, 0, full=False) is None  # only the full check reads the data
+    with h5py.File(p2, "r+") as f:
+        f.attrs["shard_checksum"] = "sha256-v1"
+    assert "another scheme" in verify_shard(p2, spec, 2)
+    assert verify_shard(d / "shard-000001.h5", spec, 1) is None
+    messages = []
+    n_before = len(logged(shard_log))
+    generate_dataset(small, out, workers=1, log=messages.append)
+    assert logged(shard_log)[n_before:] == [0, 2]
+    assert any("shard-000002.h5 is bad" in m and "another scheme" in m for m in messages)
+    assert_same(reference, out)
+
+
 def test_resume_with_other_settings_is_refused_unless_overwrite(small, tmp_path, shard_log,
                                                                  monkeypatch):
     out = tmp_path / "out.h5"

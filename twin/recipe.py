@@ -470,6 +470,37 @@ def format_validation_error(err: ValidationError, source: str) -> str:
 
 
 _UNPARSED = object()  # validate_yaml: no parsed data given
+_FAST_LOADER = getattr(yaml, "CSafeLoader", None)  # PyYAML built with libyaml
+
+
+def safe_load_yaml(text: str) -> Any:
+    """``yaml.safe_load(text)``, parsed by libyaml where PyYAML has it.
+
+    The C parser builds the same Python objects with the same safe constructor ~10x faster
+    (a recipe or instrument profile: ~0.5 instead of ~7 ms; ``twin generate`` parses each
+    several times per run). Text it rejects is parsed again by the pure-Python parser, so the
+    :class:`yaml.YAMLError` raised (its message and line/column) is the one it has always been.
+
+    Parameters
+    ----------
+    text : str
+        YAML text.
+
+    Returns
+    -------
+    The parsed document (``None`` for an empty one).
+
+    Raises
+    ------
+    yaml.YAMLError
+        Malformed YAML (from :func:`yaml.safe_load`).
+    """
+    if _FAST_LOADER is not None:
+        try:
+            return yaml.load(text, Loader=_FAST_LOADER)  # noqa: S506 - a safe loader
+        except yaml.YAMLError:
+            pass
+    return yaml.safe_load(text)
 
 
 def validate_yaml(text: str, model: type[BaseModel], source: str, what: str = "recipe",
@@ -487,7 +518,7 @@ def validate_yaml(text: str, model: type[BaseModel], source: str, what: str = "r
     """
     try:
         if data is _UNPARSED:
-            data = yaml.safe_load(text)
+            data = safe_load_yaml(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -513,7 +544,7 @@ RECIPE_KINDS: dict[str, str] = {
 def recipe_model(text: str) -> type[BaseModel]:
     """The recipe model class for a recipe text, chosen by its ``specimen.kind``."""
     try:
-        data = yaml.safe_load(text)
+        data = safe_load_yaml(text)
     except yaml.YAMLError:
         return Recipe  # validate_yaml reports the YAML error
     return _model_for(data)
@@ -546,7 +577,7 @@ def parse_recipe(text: str, source: str = "<recipe>"):
         Malformed YAML, a non-mapping document, unknown keys or out-of-range values.
     """
     try:
-        data = yaml.safe_load(text)  # once, for the model choice and the validation
+        data = safe_load_yaml(text)  # once, for the model choice and the validation
     except yaml.YAMLError:
         return validate_yaml(text, Recipe, source, "recipe")  # reports the YAML error
     return validate_yaml(text, _model_for(data), source, "recipe", data=data)

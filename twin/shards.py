@@ -17,7 +17,8 @@ On disk, for an output ``OUT.h5``::
         .lock                       flock()ed by the running ``twin generate`` (one writer at a time)
         shard-000000.h5             samples [0, shard_size): a complete emtwin dataset of its own,
         shard-000001.h5             with root attrs shard_index, shard_start, shard_stop,
-        ...                         run_fingerprint and shard_sha256 (a digest of its data)
+        ...                         run_fingerprint, shard_sha256 (a digest of its data, computed
+                                    while writing it) and shard_checksum (the digest's scheme)
     OUT.h5                          appears (atomically) only when the whole run is complete
 
 So a reader opened during a run sees either the previous complete ``OUT.h5`` or no file, and
@@ -82,6 +83,7 @@ import h5py
 import numpy as np
 
 from twin.dataset import (
+    CHECKSUM_SCHEME,
     FORMAT_VERSION,
     DatasetError,
     DatasetWriter,
@@ -89,6 +91,7 @@ from twin.dataset import (
     LabelSpec,
     _dumps,
     _py,
+    data_sha256,
 )
 from twin.errors import EmtwinError
 
@@ -120,7 +123,7 @@ THREAD_ENV_VARS = ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS
 # calling process stay there (worker start-up, ~1-1.5 s, would not pay off)
 AUTO_POOL_MIN_S = 5.0
 _SHARD_ATTRS = ("shard_index", "shard_start", "shard_stop", "shard_size", "run_fingerprint",
-                "shard_sha256")
+                "shard_sha256", "shard_checksum")
 
 
 #: set to 1 to leave glibc's allocator settings alone (see :func:`tune_allocator`)
@@ -296,42 +299,12 @@ def shard_name(k: int) -> str:
 def file_sha256(f: h5py.File) -> str:
     """SHA-256 of the data of an open dataset file, as stored (the shard checksum).
 
-    Hashes, per sample in order, the stored (compressed) chunk of ``/images`` and of every
-    ``/labels/<name>`` (sorted) with its filter mask, then ``/meta/index``,
-    ``/meta/specimen_id``, the ``/meta/params`` texts and any ``/geometry`` rows. Hashing the
-    stored chunks (~4x fewer bytes than the decoded arrays with lz4, and no decompression) keeps
-    the checksum at well under 1 ms per 512x512 sample; it detects any change of the stored
-    data. Datasets not chunked one sample per chunk are hashed decoded.
+    :func:`twin.dataset.data_sha256` (scheme :data:`twin.dataset.CHECKSUM_SCHEME`): per array
+    (``/images``, every ``/labels/<name>``), the digest of its stored (compressed) chunks in
+    sample order; then ``/meta`` and any ``/geometry``. A shard's writer computes it while
+    writing the chunks (no read-back); :func:`verify_shard` recomputes it from the file.
     """
-    h = hashlib.sha256()
-    arrays = [f["images"]] + [f["labels"][name] for name in sorted(f["labels"].keys())]
-    n = int(arrays[0].shape[0])
-    for ds in arrays:
-        h.update(ds.name.encode("utf-8"))
-        raw = ds.chunks is not None and ds.chunks[0] == 1 and ds.chunks[1:] == ds.shape[1:]
-        zeros = (0,) * (ds.ndim - 1)
-        for k in range(n):
-            if raw:
-                mask, data = ds.id.read_direct_chunk((k, *zeros))
-                h.update(np.uint32(mask).tobytes())
-                h.update(np.uint64(len(data)).tobytes())
-                h.update(data)
-            else:
-                h.update(np.ascontiguousarray(ds[k]).tobytes())
-    h.update(f["meta/index"][...].astype("<i8").tobytes())
-    h.update(f["meta/specimen_id"][...].astype("<i8").tobytes())
-    for raw_text in f["meta/params"][...]:
-        b = raw_text.encode("utf-8") if isinstance(raw_text, str) else bytes(raw_text)
-        h.update(np.uint64(len(b)).tobytes())
-        h.update(b)
-    if "geometry" in f:
-        for name in sorted(f["geometry"].keys()):
-            h.update(name.encode("utf-8"))
-            for row in f["geometry"][name][...]:
-                b = np.asarray(row, dtype="<f8").tobytes()
-                h.update(np.uint64(len(b)).tobytes())
-                h.update(b)
-    return h.hexdigest()
+    return data_sha256(f)
 
 
 def verify_shard(path: str | os.PathLike, spec: RunSpec, k: int, *, full: bool = True) -> str | None:
@@ -356,6 +329,9 @@ def verify_shard(path: str | os.PathLike, spec: RunSpec, k: int, *, full: bool =
                 return f"images have shape {f['images'].shape}"
             if not np.array_equal(f["meta/index"][...], np.arange(start, stop)):
                 return "sample indices do not match its range"
+            if a.get("shard_checksum") != CHECKSUM_SCHEME:
+                return (f"its checksum is of another scheme ({a.get('shard_checksum')!r}, "
+                        f"expected {CHECKSUM_SCHEME!r}: written by another emtwin version)")
             if full and file_sha256(f) != a.get("shard_sha256"):
                 return "checksum mismatch (its data are corrupt)"
     except (OSError, KeyError, ValueError, TypeError, RuntimeError) as exc:
@@ -428,16 +404,16 @@ def write_shard(spec: RunSpec, k: int, path: str | os.PathLike,
                        shard_size=spec.shard_size, run_fingerprint=spec.fingerprint)
     with DatasetWriter(path, n_samples=stop - start, image_shape=spec.image_shape,
                        image_dtype=spec.image_dtype, labels=spec.labels, attrs=shard_attrs,
-                       compression=spec.compression, durable=False) as writer:
+                       compression=spec.compression, durable=False, checksum=True) as writer:
         for i in range(start, stop):
             s = pipe.generate(i)
             writer.write(i - start, s.image, s.labels, specimen_id=s.specimen_id, index=s.index,
                          params=s.params, geometry=getattr(s, "geometry", None) or None)
             if on_sample is not None:
                 on_sample(i)
-        writer.file.flush()  # the stored chunks, as they will be on disk
-        digest = file_sha256(writer.file)
-        writer.set_attrs({"shard_sha256": digest})
+        # the images' and labels' digests were kept as their chunks were written
+        digest = writer.data_sha256()
+        writer.set_attrs({"shard_sha256": digest, "shard_checksum": CHECKSUM_SCHEME})
     return digest
 
 
