@@ -773,12 +773,9 @@ def _walk(x, y, xw, yw, g, seeds, wn, nstart, nbr, kimg, sx, sy, sw, sid, start,
                 d = kimg[t, 2] * xw + kimg[t, 3] * yw + kimg[t, 4]
                 if d < bd:
                     bd = d
-                if d < dmin:
-                    d2 = dmin
-                    dmin = d
-                    t1 = t
-                elif d < d2:
-                    d2 = d
+                d2 = min(d2, max(d, dmin))  # branch-free (selects)
+                t1 = t if d < dmin else t1
+                dmin = min(dmin, d)
                 if d < 1e-9:
                     low = True
         else:
@@ -790,12 +787,9 @@ def _walk(x, y, xw, yw, g, seeds, wn, nstart, nbr, kimg, sx, sy, sw, sid, start,
                 d = ax * xw + ay * yw + c
                 if d < bd:
                     bd = d
-                if d < dmin:
-                    d2 = dmin
-                    dmin = d
-                    t1 = t
-                elif d < d2:
-                    d2 = d
+                d2 = min(d2, max(d, dmin))  # branch-free (selects)
+                t1 = t if d < dmin else t1
+                dmin = min(dmin, d)
                 if d < 1e-9:
                     low = True
         if not low or steps < 0:
