@@ -434,6 +434,25 @@ def _factor_kernel(h, w, seg, seg_start, seg_sigma, seg_strength, spots, out):
                     out[y, x] *= 1.0 + s * math.exp(-d2 * inv)
 
 
+_NO_FIELD = np.zeros((1, 1))  # an absent factor or offset of :func:`_combine_kernel` (not read)
+
+
+@njit(parallel=True, cache=True)
+def _combine_kernel(x, f, a, use_f, use_a, out):
+    """``out = ((float64(x) · f) + a)`` cast to ``out``'s dtype, per pixel (H, W): the bits of
+    ``x.astype(float64)``, ``*= f``, ``+= a``, ``.astype(dtype)`` in one pass (absent terms
+    left out)."""
+    h, w = x.shape
+    for y in prange(h):
+        for i in range(w):
+            v = np.float64(x[y, i])
+            if use_f:
+                v = v * f[y, i]
+            if use_a:
+                v = v + a[y, i]
+            out[y, i] = v
+
+
 @njit(parallel=True, cache=True)
 def _streak_kernel(h, w, streaks, out):
     n = streaks.shape[0]
@@ -632,6 +651,14 @@ class Artefacts:
                              f"got {x.shape}")
         if not params.changes_signal:
             return np.array(x, copy=True)
+        has_mult = len(params.scratches) + len(params.pits) + len(params.dust) + len(
+            params.contamination) > 0
+        if x.ndim == 2 and x.dtype in (np.float32, np.float64):  # one pass, the same bits
+            f = self.signal_factor(params) if has_mult else _NO_FIELD
+            a = self.signal_offset(params) if len(params.streaks) else _NO_FIELD
+            fused = np.empty(x.shape, dtype=x.dtype)
+            _combine_kernel(x, f, a, has_mult, len(params.streaks) > 0, fused)
+            return fused
         out = x.astype(np.float64)
         has_mult = len(params.scratches) + len(params.pits) + len(params.dust) + len(
             params.contamination) > 0

@@ -345,9 +345,20 @@ def _build_buckets(cx, cy, hxr, hyr, nx, ny, hx, hy, periodic):
     return start, items
 
 
+#: relative enlargement of a particle's bounding box before its ellipse test is skipped:
+#: the exact box of ``u² + v² ≤ 1`` (``co, si``: the kernel's own cosine and sine) is
+#: ``sqrt((a cos)² + (b sin)²)`` up to a few rounding units, and a point the test accepts lies
+#: within ``1 + few eps`` of it
+_BOX_MARGIN = 1e-6
+
+
 @njit(parallel=True, cache=True)
-def _particle_kernel(xs, ys, cx, cy, ca, cb, cco, csi, start, items, nx, ny, hx, hy, lx, ly,
-                     periodic, out):
+def _particle_kernel(xs, ys, cx, cy, ca, cb, cco, csi, bx, by, start, items, nx, ny, hx, hy,
+                     lx, ly, periodic, out):
+    """Lowest-index particle whose ellipse test ``u² + v² ≤ 1`` holds at each point (``-1``:
+    none).  ``bx, by``: each particle's bounding-box half-sides enlarged by a relative 1e-6
+    (:data:`_BOX_MARGIN`): a point outside fails the test by far more than its rounding, so
+    the test (two divisions) is skipped there without changing a result."""
     n = xs.shape[0]
     for i in prange(n):
         x = xs[i]
@@ -366,6 +377,8 @@ def _particle_kernel(xs, ys, cx, cy, ca, cb, cco, csi, start, items, nx, ny, hx,
             if periodic:
                 dx = min_image(dx, lx)
                 dy = min_image(dy, ly)
+            if abs(dx) > bx[p] or abs(dy) > by[p]:
+                continue
             co = cco[p]
             si = csi[p]
             u = (dx * co + dy * si) / ca[p]
@@ -432,6 +445,8 @@ class ParticleSet:
                                            np.ascontiguousarray(b),
                                            np.cos(np.asarray(th, dtype=np.float64)),
                                            np.sin(np.asarray(th, dtype=np.float64)),
+                                           np.ascontiguousarray(hxr * (1.0 + _BOX_MARGIN)),
+                                           np.ascontiguousarray(hyr * (1.0 + _BOX_MARGIN)),
                                            start, items, nx, ny, hx, hy))
 
     @property
@@ -462,10 +477,10 @@ class ParticleSet:
         if self.n_particles == 0:
             out[:] = -1
             return out.reshape(x.shape)
-        cx, cy, a, b, co, si, start, items, nx, ny, hx, hy = self._grid
+        cx, cy, a, b, co, si, bx, by, start, items, nx, ny, hx, hy = self._grid
         lx, ly = self.extent
-        _particle_kernel(xs, ys, cx, cy, a, b, co, si, start, items, nx, ny, hx, hy, lx, ly,
-                         bool(self.periodic), out)
+        _particle_kernel(xs, ys, cx, cy, a, b, co, si, bx, by, start, items, nx, ny, hx, hy, lx,
+                         ly, bool(self.periodic), out)
         return out.reshape(x.shape)
 
     def to_dict(self) -> dict:

@@ -195,15 +195,47 @@ def _ground_kernel(indptr, indices, data):
     return ip, ix, dd
 
 
+@njit(cache=True)
+def _areas_kernel(v, start):
+    """Cell areas (n,) px² by the shoelace sums of :func:`_areas_hessian_kernel` (the same
+    terms in the same order: the same bits), without the Hessian."""
+    n = start.shape[0] - 1
+    areas = np.zeros(n)
+    for i in range(n):
+        a = start[i]
+        b = start[i + 1]
+        if b - a < 3:
+            continue
+        acc = 0.0
+        for e in range(a, b):
+            f = e + 1 if e + 1 < b else a
+            acc += v[e, 0] * v[f, 1] - v[f, 0] * v[e, 1]
+        areas[i] = 0.5 * abs(acc)
+    return areas
+
+
+def _areas_of(seeds: np.ndarray, weights: np.ndarray | None, extent: tuple[float, float],
+              periodic: bool):
+    """Areas (n,) px² and the cells, from the arrays of a tessellation (a trial of the fit:
+    its Hessian only where the trial is accepted and the iteration goes on)."""
+    cells = cell_polygons_of(seeds, weights, extent, periodic)
+    return _areas_kernel(np.ascontiguousarray(cells.vertices), cells.start.astype(np.int64)), cells
+
+
+def _grounded(cells, seeds: np.ndarray, extent: tuple[float, float], periodic: bool):
+    """The grounded Hessian's CSC arrays (first row and column dropped: the weights are defined
+    up to a constant) of ``cells`` (:func:`_areas_and_hessian` without the full matrix)."""
+    _, indptr, indices, data = _areas_hessian_kernel(
+        *_kernel_inputs(cells, seeds, extent, periodic))
+    return _ground_kernel(indptr, indices, data)
+
+
 def _areas_and_grounded(seeds: np.ndarray, weights: np.ndarray | None,
                         extent: tuple[float, float], periodic: bool):
-    """Areas (n,) px², the grounded Hessian's CSC arrays (first row and column dropped: the
-    weights are defined up to a constant) and the cells, from the arrays of a tessellation
-    (:func:`_areas_and_hessian` without building the tessellation or the full matrix)."""
-    cells = cell_polygons_of(seeds, weights, extent, periodic)
-    areas, indptr, indices, data = _areas_hessian_kernel(
-        *_kernel_inputs(cells, seeds, extent, periodic))
-    return areas, _ground_kernel(indptr, indices, data), cells
+    """Areas (n,) px², the grounded Hessian's CSC arrays and the cells, from the arrays of a
+    tessellation (:func:`_areas_of` and :func:`_grounded`)."""
+    areas, cells = _areas_of(seeds, weights, extent, periodic)
+    return areas, _grounded(cells, seeds, extent, periodic), cells
 
 
 def fit_laguerre_weights(tess: Tessellation, targets: np.ndarray, *, tolerance: float = 0.01,
@@ -215,8 +247,8 @@ def fit_laguerre_weights(tess: Tessellation, targets: np.ndarray, *, tolerance: 
     weights, so Newton's method on ``A(w) = T`` with a sparse Hessian (:func:`_areas_and_hessian`)
     and step halving until no cell empties and the error falls converges quadratically
     (Kitagawa, Mérigot & Thibert 2019).  Seeds are not moved.  Trial weights are evaluated from
-    the seed and weight arrays (:func:`_areas_and_grounded`); a tessellation is built for the
-    result only.
+    the seed and weight arrays (:func:`_areas_of`: areas only; the Hessian, :func:`_grounded`,
+    for accepted weights that need another step); a tessellation is built for the result only.
 
     Parameters
     ----------
@@ -246,12 +278,15 @@ def fit_laguerre_weights(tess: Tessellation, targets: np.ndarray, *, tolerance: 
     w = np.zeros(n) if tess.weights is None else np.array(tess.weights, dtype=np.float64)
     seeds, ext, per = tess.seeds, tess.extent, bool(tess.periodic)
     fitted = None  # the accepted weights (shifted to max 0), None while none was accepted
-    areas, ground, cells = _areas_and_grounded(seeds, tess.weights, ext, per)
+    areas, cells = _areas_of(seeds, tess.weights, ext, per)
+    ground = None  # the Hessian of the current weights, built when a Newton step needs it
     err = float(np.abs((areas - t) / t).max())
     it = 0
     for it in range(1, max_iterations + 1):
         if err < tolerance or n == 1:
             break
+        if ground is None:
+            ground = _grounded(cells, seeds, ext, per)
         # the grounded Laplacian-like Hessian: weights are defined up to a constant
         h = sparse.csc_matrix((ground[2], ground[1], ground[0]), shape=(n - 1, n - 1))
         dw = np.zeros(n)
@@ -264,14 +299,14 @@ def fit_laguerre_weights(tess: Tessellation, targets: np.ndarray, *, tolerance: 
         while lam > 1e-4:
             wn = w + lam * dw
             trial_w = wn - wn.max()
-            a2, g2, c2 = _areas_and_grounded(seeds, trial_w, ext, per)
+            a2, c2 = _areas_of(seeds, trial_w, ext, per)
             r2 = float(np.sqrt(np.mean(((a2 - t) / t) ** 2)))
             if a2.min() > 0 and r2 < rms:
                 break
             lam *= 0.5
         else:
             break
-        w, fitted, areas, ground, cells = trial_w, trial_w, a2, g2, c2
+        w, fitted, areas, ground, cells = trial_w, trial_w, a2, None, c2
         err = float(np.abs((areas - t) / t).max())
     cur = tess if fitted is None else Tessellation(
         seeds, ext, weights=fitted, periodic=tess.periodic, seeds_per_cell=tess.seeds_per_cell,

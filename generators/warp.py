@@ -329,6 +329,7 @@ class CellNeighbours:
     reach: np.ndarray | None = None
     _lines: tuple = field(default=None, init=False, repr=False, compare=False)
     _kimg: np.ndarray = field(default=None, init=False, repr=False, compare=False)
+    _gap: tuple = field(default=None, init=False, repr=False, compare=False)
 
     def pair_lines(self) -> tuple:
         """Per neighbour pair: ``e`` (x, y), unit normal (x, y) and ``c`` (see
@@ -745,9 +746,14 @@ def _walk(x, y, xw, yw, g, seeds, wn, nstart, nbr, kimg, sx, sy, sw, sid, start,
           lx, ly, cap_q):
     """Power-nearest seed of the point (``x, y``; wrapped ``xw, yw``) by a walk from grain ``g``
     (``-1``: the ring search), and the smallest of its radical lines' distances capped at
-    ``cap_q``, as the tile lists evaluate them (see :func:`_warped_label_kernel`)."""
+    ``cap_q``, as the tile lists evaluate them (see :func:`_warped_label_kernel`); then the
+    index ``t1`` (into ``nbr``) of the line with the smallest distance (first of equals; ``-1``
+    without lines) and the gap from it to the second smallest (``inf`` with one line, ``0`` on a
+    tie): ``(g, bd, t1, gap)``."""
     steps = 0
     bd = cap_q
+    t1 = -1
+    d2 = np.inf
     while True:
         if g < 0 or steps > _WALK_STEPS:  # no walk: the exact ring search
             g = _label_one(x, y, sx, sy, sw, sid, start, nx, ny, hx, hy, lx, ly, True,
@@ -758,13 +764,17 @@ def _walk(x, y, xw, yw, g, seeds, wn, nstart, nbr, kimg, sx, sy, sw, sid, start,
         px = seeds[g, 0] + lx * kox
         py = seeds[g, 1] + ly * koy
         bd = cap_q
-        dmin = np.inf
+        dmin = np.inf  # the smallest line distance (line t1) and the second smallest (d2)
+        d2 = np.inf
+        t1 = -1
         low = False
         if kox == 0.0 and koy == 0.0:  # the owner at its own position: stored lines
             for t in range(nstart[g], nstart[g + 1]):
                 d = kimg[t, 2] * xw + kimg[t, 3] * yw + kimg[t, 4]
                 if d < bd:
                     bd = d
+                d2 = min(d2, max(d, dmin))  # branch-free (selects)
+                t1 = t if d < dmin else t1
                 dmin = min(dmin, d)
                 if d < 1e-9:
                     low = True
@@ -777,6 +787,8 @@ def _walk(x, y, xw, yw, g, seeds, wn, nstart, nbr, kimg, sx, sy, sw, sid, start,
                 d = ax * xw + ay * yw + c
                 if d < bd:
                     bd = d
+                d2 = min(d2, max(d, dmin))  # branch-free (selects)
+                t1 = t if d < dmin else t1
                 dmin = min(dmin, d)
                 if d < 1e-9:
                     low = True
@@ -803,13 +815,13 @@ def _walk(x, y, xw, yw, g, seeds, wn, nstart, nbr, kimg, sx, sy, sw, sid, start,
             break  # a tie within rounding of the boundary
         g = jb
         steps += 1
-    return g, bd
+    return g, bd, t1, d2 - dmin
 
 
 @njit(parallel=True, cache=True)
 def _warped_label_kernel(xs, ys, jac, seeds, wn, w, nstart, nbr, kimg, sx, sy, sw, sid, start,
                          nx, ny, hx, hy, lx, ly, cap_q, cap, pex, pey, pnx, pny, pc, lim,
-                         out_gid, out_d):
+                         gap, m0, out_gid, out_d):
     """Grain and image-space boundary distance of every point, from the cells' neighbours.
 
     Per point (specimen coordinates, wrapped into the specimen as the tile lists do): walk from
@@ -818,7 +830,15 @@ def _warped_label_kernel(xs, ys, jac, seeds, wn, w, nstart, nbr, kimg, sx, sy, s
     neighbours' half-planes; power distances strictly fall, so the walk ends, in the power-
     nearest seed).  The specimen-space distance is the smallest of those lines, evaluated as the
     tile lists evaluate them (:func:`_tile_line`, the owner's image next to the point), then
-    ``d_p = d_q / |Jᵀ n|`` exactly as :func:`_image_distance_kernel`."""
+    ``d_p = d_q / |Jᵀ n|`` exactly as :func:`_image_distance_kernel`.
+
+    The normal ``n`` is that of the walk's nearest line where the gap to its second nearest
+    exceeds the tolerance of :func:`_normal_gap_coefficients` (``gap[g]``, ``m0 = 3 max(L)``;
+    far above the rounding of either way of evaluating a line) and :func:`_nearest_line_normal`
+    would take its stored lines (``|r| < lim``): then both find the same line, the first of a
+    unique minimum, and its stored normal.  Otherwise (a tie within rounding, a cell across
+    half the specimen): :func:`_nearest_line_normal` itself.  ``gap = inf``: that search
+    everywhere."""
     n = xs.shape[0]
     hxl = 0.5 * lx
     hyl = 0.5 * ly
@@ -832,8 +852,8 @@ def _warped_label_kernel(xs, ys, jac, seeds, wn, w, nstart, nbr, kimg, sx, sy, s
             yw = _wrap(y, ly)
             if g < 0:
                 g = _start_seed(xw, yw, sid, start, nx, ny, hx, hy, nstart)
-            g, bd = _walk(x, y, xw, yw, g, seeds, wn, nstart, nbr, kimg, sx, sy, sw, sid,
-                          start, nx, ny, hx, hy, lx, ly, cap_q)
+            g, bd, t1, gp = _walk(x, y, xw, yw, g, seeds, wn, nstart, nbr, kimg, sx, sy, sw,
+                                   sid, start, nx, ny, hx, hy, lx, ly, cap_q)
             out_gid[i] = g
             dq = np.float32(max(bd, 0.0))
             d = float(dq)
@@ -841,8 +861,16 @@ def _warped_label_kernel(xs, ys, jac, seeds, wn, w, nstart, nbr, kimg, sx, sy, s
                 out_d[i] = cap
                 continue
             # the normal of the nearest radical line, as _image_distance_kernel finds it
-            _, nxv, nyv = _nearest_line_normal(x, y, g, seeds, w, nstart, nbr, pex, pey, pnx, pny,
-                                               pc, lim, lx, ly, hxl, hyl, True)
+            rx = min_image(x - seeds[g, 0], lx)
+            ry = min_image(y - seeds[g, 1], ly)
+            mq = m0 + max(abs(x), abs(y))
+            tol = gap[g, 0] * (mq * mq) + 2.0 * _GAP_REL * mq + gap[g, 1]
+            if gp > tol and abs(rx) < lim[g, 0] and abs(ry) < lim[g, 1]:
+                nxv = pnx[t1]  # the walk's nearest line, clearly apart from the others
+                nyv = pny[t1]
+            else:
+                _, nxv, nyv = _nearest_line_normal(x, y, g, seeds, w, nstart, nbr, pex, pey, pnx,
+                                                   pny, pc, lim, lx, ly, hxl, hyl, True)
             s = math.hypot(jac[i, 0] * nxv + jac[i, 2] * nyv, jac[i, 1] * nxv + jac[i, 3] * nyv)
             out_d[i] = np.float32(min(d / max(s, 1e-12), cap))
 
@@ -859,8 +887,8 @@ def _walk_gid_kernel(xs, ys, seeds, wn, nstart, nbr, kimg, sx, sy, sw, sid, star
             xw = _wrap(xs[i], lx)
             yw = _wrap(ys[i], ly)
             g = _start_seed(xw, yw, sid, start, nx, ny, hx, hy, nstart)  # scattered points
-            g, _ = _walk(xs[i], ys[i], xw, yw, g, seeds, wn, nstart, nbr, kimg, sx, sy, sw, sid,
-                         start, nx, ny, hx, hy, lx, ly, 1.0)
+            g, _, _, _ = _walk(xs[i], ys[i], xw, yw, g, seeds, wn, nstart, nbr, kimg, sx, sy, sw,
+                               sid, start, nx, ny, hx, hy, lx, ly, 1.0)
             out_gid[i] = g
 
 
@@ -881,6 +909,45 @@ def _walk_inputs(tess, cells: CellNeighbours):
         object.__setattr__(cells, "_kimg", _pair_images(cells.seeds, wn, cells.start,
                                                         cells.neighbours, *cells.extent))
     return wn, lines
+
+
+#: relative margin of :func:`_normal_gap_coefficients` (~4500 double-precision epsilons)
+_GAP_REL = 1e-12
+
+
+def _normal_gap_coefficients(cells: CellNeighbours) -> np.ndarray:
+    """Per cell ``(A, C)`` (n, 2): a gap ``A M² + 2 _GAP_REL M + C`` (px) between a point's
+    nearest and second-nearest radical line above which :func:`_walk` and
+    :func:`_nearest_line_normal` agree on the nearest (``M``, px: a bound on every coordinate
+    involved, ``3 max(L) + max(|x|, |y|)`` for the point ``(x, y)``).
+
+    The two evaluate a line's distance by different expressions (the tile lists' ``a·x + c``
+    from the owner's image next to the point, and ``c − n·r`` from the owner's seed), each
+    within a few rounding units of ``M²/|e| + M + |c| + (|w_j| + |w_o|)/|e|`` of the exact
+    distance (``|e|``: the seeds' separation; ``c``: the line's distance from the owner's seed;
+    weights shifted by at most ``max|w|``).  Twice ``_GAP_REL`` times the largest such scale
+    over a cell's lines exceeds the sum of both errors for both lines by three orders of
+    magnitude.  ``A = inf`` for a cell with coincident seeds (no line).  Computed once.
+    """
+    if cells._gap is None:
+        pex, pey, _, _, pc, _ = cells.pair_lines()
+        n = cells.start.shape[0] - 1
+        owner = np.repeat(np.arange(n), np.diff(cells.start))
+        sep = np.hypot(pex, pey)
+        inv = np.full(sep.shape, np.inf)
+        np.divide(1.0, sep, out=inv, where=sep > 0)
+        inv_g = np.zeros(n)
+        np.maximum.at(inv_g, owner, inv)
+        c_g = np.zeros(n)
+        np.maximum.at(c_g, owner, np.where(np.isfinite(pc), np.abs(pc), 0.0))
+        wmax = float(np.abs(cells.weights).max()) if cells.weights.size else 0.0
+        coef = np.empty((n, 2))
+        coef[:, 0] = 2.0 * _GAP_REL * inv_g
+        with np.errstate(invalid="ignore"):
+            coef[:, 1] = 2.0 * _GAP_REL * (c_g + 4.0 * wmax * inv_g)
+        coef[np.isnan(coef)] = np.inf
+        object.__setattr__(cells, "_gap", np.ascontiguousarray(coef))
+    return cells._gap
 
 
 def _points(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -912,8 +979,8 @@ def walk_grain_ids(tess, cells: CellNeighbours, x: np.ndarray, y: np.ndarray
 
 
 def label_warped_grains(tess, cells: CellNeighbours, qx: np.ndarray, qy: np.ndarray,
-                        jacobian: np.ndarray, cap_q: float, cap: float
-                        ) -> tuple[np.ndarray, np.ndarray] | None:
+                        jacobian: np.ndarray, cap_q: float, cap: float,
+                        _normal_shortcut: bool = True) -> tuple[np.ndarray, np.ndarray] | None:
     """Grain ids and image-space boundary distances at mapped points in one pass, or ``None``
     where this path does not apply (then: ``tess.label`` and :func:`image_space_distance`).
 
@@ -931,6 +998,9 @@ def label_warped_grains(tess, cells: CellNeighbours, qx: np.ndarray, qy: np.ndar
     qx, qy : ndarray, specimen coordinates, px
     jacobian : ndarray, shape ``qx.shape + (2, 2)``
     cap_q, cap : float, px (as :func:`image_space_distance`; ``cap_q`` also caps ``d_q``)
+    _normal_shortcut : bool
+        Take the normal from the walk's nearest line where it is clearly nearest (the default;
+        the same bits); ``False``: search it afresh at every point (for the tests).
 
     Returns
     -------
@@ -948,8 +1018,10 @@ def label_warped_grains(tess, cells: CellNeighbours, qx: np.ndarray, qy: np.ndar
     gid = np.empty(xs.shape[0], dtype=np.int32)
     dist = np.empty(xs.shape[0], dtype=np.float32)
     lx, ly = tess.extent
+    gap = (_normal_gap_coefficients(cells) if _normal_shortcut
+           else np.full((cells.seeds.shape[0], 2), np.inf))
     _warped_label_kernel(xs, ys, jac, cells.seeds, wn, cells.weights, cells.start,
                          cells.neighbours, cells._kimg, sx, sy, sw, sid, start, nx, ny, hx, hy,
-                         float(lx), float(ly), float(cap_q), float(cap), *lines[:5], lim, gid,
-                         dist)
+                         float(lx), float(ly), float(cap_q), float(cap), *lines[:5], lim,
+                         gap, 3.0 * max(float(lx), float(ly)), gid, dist)
     return gid.reshape(shape), dist.reshape(shape)

@@ -270,3 +270,28 @@ def test_bad_input_raises(rng):
         ALL_ON.apply_recorded(np.ones((32, 32), np.uint8), p, 4095)   # beyond the dtype
     with pytest.raises(ValueError):
         ALL_ON.apply_recorded(np.ones((32, 32, 3, 1), np.uint8), p, 255)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("parts", ["all", "mult", "streaks"])
+def test_fused_apply_signal_bitwise_equals_numpy_passes(thread_runs, dtype, parts):
+    """The one-pass grey ``apply_signal`` gives the bits of ``astype(float64)``, ``*= factor``,
+    ``+= offset``, ``astype(dtype)`` (the RGB path's passes), under 1 and 2 threads."""
+    arts = ALL_ON
+    if parts == "mult":
+        arts = dataclasses.replace(ALL_ON, charging=ChargingStreaks(probability=0.0))
+    elif parts == "streaks":
+        arts = Artefacts(charging=ChargingStreaks(probability=1.0))
+    for seed in range(6):
+        rng = np.random.default_rng(100 + seed)
+        shape = (int(rng.integers(20, 120)), int(rng.integers(20, 140)))
+        p = arts.sample(rng, shape)
+        sig = (rng.random(shape) * 3.0).astype(dtype)
+        ref = sig.astype(np.float64)
+        if len(p.scratches) + len(p.pits) + len(p.dust) + len(p.contamination):
+            ref *= arts.signal_factor(p)
+        if len(p.streaks):
+            ref += arts.signal_offset(p)
+        ref = ref.astype(dtype)
+        for got in thread_runs(lambda: arts.apply_signal(sig, p)):
+            assert got.dtype == dtype and got.tobytes() == ref.tobytes()

@@ -502,6 +502,28 @@ def test_laguerre_hessian_matches_finite_differences():
         np.testing.assert_allclose(h[:, k], (a2 - areas) / eps, atol=1e-4 * np.abs(h[:, k]).max())
 
 
+@pytest.mark.parametrize("periodic", [True, False])
+def test_fit_trial_areas_bitwise_equal_the_hessian_kernels(periodic):
+    """The fit's trials take their areas from the areas-only kernel (the Hessian is built only
+    for accepted weights that need another step): the same bits as the Hessian kernel's, and
+    the grounded Hessian of :func:`_grounded` is that of :func:`_areas_and_grounded`."""
+    from generators.sizes import (_areas_and_grounded, _areas_hessian_kernel, _areas_of,
+                                  _grounded, _kernel_inputs)
+
+    for k in range(8):
+        rng = np.random.default_rng(40 + k)
+        n = int(rng.integers(20, 400))
+        ext = (float(rng.uniform(100, 500)), float(rng.uniform(100, 500)))
+        w = -rng.uniform(0, 2.0 * ext[0] * ext[1] / n, n) if k % 2 else None
+        seeds = poisson_seeds(rng, n, ext)
+        a1, cells = _areas_of(seeds, w, ext, periodic)
+        a2 = _areas_hessian_kernel(*_kernel_inputs(cells, seeds, ext, periodic))[0]
+        assert a1.tobytes() == a2.tobytes()
+        _, ground, _ = _areas_and_grounded(seeds, w, ext, periodic)
+        for x, y in zip(_grounded(cells, seeds, ext, periodic), ground):
+            assert x.tobytes() == y.tobytes()
+
+
 def test_fitted_tessellation_tile_size_does_not_change_labels():
     rng = np.random.default_rng(12)
     ext = (150.0, 150.0)

@@ -210,3 +210,83 @@ def test_warped_label_walk_declines_where_it_does_not_apply(rng):
     few = _specimen(rng, n=3)  # cells of about half the specimen: neighbour images not unique
     nb = CellNeighbours.from_polygons(cell_polygons(few), few.weights)
     assert label_warped_grains(few, nb, q, q, jac, 5.0, 4.0) is None
+
+
+def _lattice_specimen(rng):
+    """Seeds on a square lattice (equal weights): whole rows of pixels on boundaries and at
+    four-cell vertices, exact ties between radical lines."""
+    gx, gy = np.meshgrid(np.arange(12) * 20.0 + 10.0, np.arange(10) * 20.0 + 10.0)
+    return Tessellation(np.c_[gx.ravel(), gy.ravel()], (240.0, 200.0), periodic=True)
+
+
+@pytest.mark.parametrize("case", range(12))
+def test_warped_label_normal_shortcut_bitwise_equals_search(thread_runs, case):
+    """The normal taken from the walk's nearest line (where it is clearly nearest) gives the
+    bits of the per-point search (``_normal_shortcut=False``): random Laguerre and Voronoi
+    specimens, a lattice with exact ties, a pair of nearly coincident seeds; dense warped frames
+    that leave the specimen, and points on the cells' vertices and edges."""
+    from generators.substructure import cell_polygons
+    from generators.warp import CellNeighbours, _walk_inputs, label_warped_grains
+
+    rng = np.random.default_rng(7000 + case)
+    while True:  # a specimen the walk applies to (cells well inside half the specimen)
+        if case == 0:
+            tess = _lattice_specimen(rng)
+        else:
+            n = int(rng.integers(120, 300))
+            ext = (float(rng.uniform(200, 400)), float(rng.uniform(200, 400)))
+            seeds = poisson_seeds(rng, n, ext)
+            if case == 1:  # two seeds 1e-7 px apart
+                seeds[1] = seeds[0] + 1e-7
+            sigma = 0.0 if case % 3 == 0 else float(rng.uniform(0.2, 0.6))
+            w = lognormal_weights(rng, n, math.sqrt(ext[0] * ext[1] / n), sigma) if sigma else None
+            tess = Tessellation(seeds, ext, weights=w, periodic=True)
+        if _walk_inputs(tess, CellNeighbours.from_polygons(cell_polygons(tess),
+                                                           tess.weights)) is not None:
+            break
+    cells = cell_polygons(tess)
+    nb = CellNeighbours.from_polygons(cells, tess.weights)
+    cm = Warp(amplitude_px=(0, 4), correlation_px=(15, 30), elongation=(1.0, 2.0),
+              angle_deg=(0, 90)).sample_specimen(rng, tess.extent)
+    off = rng.uniform(-60, 60, 2)
+    yy, xx = np.mgrid[0:160.0, 0:200.0]
+    qx, qy, jac = cm.apply(xx + off[0], yy + off[1])
+    # near-ties on top: vertices, edge midpoints, and points on the bisectors of the cells'
+    # corners (equidistant from two radical lines up to rounding), under a sheared Jacobian
+    v = cells.vertices
+    nxt = np.arange(len(v)) + 1
+    prv = np.arange(len(v)) - 1
+    full = np.diff(cells.start) > 0
+    nxt[cells.start[1:][full] - 1] = cells.start[:-1][full]
+    prv[cells.start[:-1][full]] = cells.start[1:][full] - 1
+    u1 = v[prv] - v
+    u2 = v[nxt] - v
+    n1 = np.linalg.norm(u1, axis=1)[:, None]
+    n2 = np.linalg.norm(u2, axis=1)[:, None]
+    ok = (n1[:, 0] > 0) & (n2[:, 0] > 0)
+    bis = u1[ok] / n1[ok] + u2[ok] / n2[ok]
+    nb_ = np.linalg.norm(bis, axis=1)
+    bis = bis[nb_ > 0] / nb_[nb_ > 0, None]
+    vb = v[ok][nb_ > 0]
+    extra = np.concatenate([v, 0.5 * (v + v[nxt])] + [vb + t * bis for t in (0.3, 1.0, 3.0)]
+                           + [v + rng.normal(0, e, v.shape) for e in (1e-9, 1e-13)])
+    ex_x = np.concatenate([qx.ravel(), extra[:, 0]])
+    ex_y = np.concatenate([qy.ravel(), extra[:, 1]])
+    shear = np.array([[1.3, 0.4], [0.1, 0.8]])
+    ex_j = np.concatenate([jac.reshape(-1, 2, 2), np.broadcast_to(shear, (len(extra), 2, 2))])
+    if case == 0:
+        gy, gx = np.mgrid[0:200.0, 0:240.0]
+        ex_x = np.concatenate([ex_x, gx.ravel()])
+        ex_y = np.concatenate([ex_y, gy.ravel()])
+        ex_j = np.concatenate([ex_j, np.broadcast_to(shear, (gx.size, 2, 2))])
+    cap_q, cap = 9.0, 6.0
+    ref = label_warped_grains(tess, nb, ex_x, ex_y, ex_j, cap_q, cap, _normal_shortcut=False)
+    assert ref is not None
+    for g, d in thread_runs(lambda: label_warped_grains(tess, nb, ex_x, ex_y, ex_j, cap_q, cap)):
+        assert np.array_equal(g, ref[0])
+        assert d.tobytes() == ref[1].tobytes()
+    assert (ref[1] < cap).mean() > 0.3
+    if case > 0:  # the near-ties matter: a shortcut blind to them changes distances here
+        object.__setattr__(nb, "_gap", np.full((tess.n_seeds, 2), -np.inf))
+        blind = label_warped_grains(tess, nb, ex_x, ex_y, ex_j, cap_q, cap)
+        assert np.any(blind[1] != ref[1])

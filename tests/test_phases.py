@@ -254,3 +254,30 @@ def test_bad_input_raises(rng):
         phase_label(np.zeros((2, 2), int), None, np.zeros((3, 3), int), np.zeros(1), 1)
     with pytest.raises(ValueError, match="shape"):
         particle_signal(np.zeros((2, 2)), np.zeros((3, 3), int), np.zeros(1))
+
+
+@pytest.mark.parametrize("periodic", [False, True])
+def test_particle_membership_on_the_rims_matches_brute_force(thread_runs, periodic):
+    """Points on and within rounding of the ellipses' rims (the bounding-box shortcut's edge),
+    including the extreme points of each bounding box: the lowest-index particle of the full
+    ellipse test, bit for bit, under 1 and 2 threads."""
+    rng = np.random.default_rng(31 + periodic)
+    tess = make_tess(rng, periodic)
+    parts = Particles((ParticleClass("p", density=(60.0, 60.0), semi_major_px=(0.5, 12.0),
+                                     aspect=(0.05, 1.0), placement=THREE),))
+    ps = parts.sample_specimen(rng, tess)
+    a, b = ps.semi_axes.T
+    c, s = np.cos(ps.angle), np.sin(ps.angle)
+    t = rng.uniform(0, 2 * np.pi, (ps.n_particles, 16))
+    t[:, 0] = np.arctan2(-b * s, a * c)  # the x-extreme point of each ellipse
+    t[:, 1] = np.arctan2(b * c, a * s)  # the y-extreme point
+    xr = ps.centres[:, :1] + a[:, None] * np.cos(t) * c[:, None] - b[:, None] * np.sin(t) * s[:, None]
+    yr = ps.centres[:, 1:] + a[:, None] * np.cos(t) * s[:, None] + b[:, None] * np.sin(t) * c[:, None]
+    x = np.concatenate([xr.ravel() * f for f in (1.0, 1 - 1e-15, 1 + 1e-15)]
+                       + [xr.ravel() + e for e in (-1e-12, 1e-12)])
+    y = np.concatenate([yr.ravel() * f for f in (1.0, 1 + 1e-15, 1 - 1e-15)]
+                       + [yr.ravel() + e for e in (1e-12, -1e-12)])
+    ref = brute_particles(ps, x, y)
+    assert (ref >= 0).mean() > 0.3 and (ref < 0).mean() > 0.1  # both sides of the rims
+    for got in thread_runs(lambda: ps.label(x, y)):
+        assert np.array_equal(got, ref)
