@@ -238,19 +238,11 @@ def test_psf_following_scan():
     np.testing.assert_allclose(stage.apply(edge, PSFParams(1.0), row_shift_px=shift), follow)
 
 
-def test_complete_kernel_is_thread_count_independent():
-    import numba
-
+def test_complete_kernel_is_thread_count_independent(thread_runs):
     sig = np.random.default_rng(2).uniform(0, 1, (200, 150))
     rows, cols = fixed_pattern(sig.shape, 1.0, 2.0, key=3)
     kw = dict(dose=60.0, gain=2.0, readout_sigma=3.0, offset=50.0, bit_depth=16, noise_key=8,
               row_offsets=rows, col_offsets=cols, lag_px=0.8, saturation=400.0)
-    old = numba.get_num_threads()
-    try:
-        numba.set_num_threads(1)
-        a = detect(sig, **kw)
-        numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
-        b = detect(sig, **kw)
-    finally:
-        numba.set_num_threads(old)
+    runs = thread_runs(lambda: detect(sig, **kw))
+    a, b = runs[0], runs[-1]
     assert a.tobytes() == b.tobytes() and a.max() <= 400

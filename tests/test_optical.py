@@ -4,7 +4,6 @@ import colorsys
 import math
 from pathlib import Path
 
-import numba
 import numpy as np
 import pytest
 from scipy import ndimage, stats
@@ -59,16 +58,10 @@ def test_smooth_noise_is_gaussian():
     assert stats.kstest(f, "norm").pvalue > 1e-3
 
 
-def test_smooth_noise_thread_count_and_seed():
-    old = numba.get_num_threads()
-    try:
-        numba.set_num_threads(1)
-        a = smooth_noise((70, 90), 3.0, 11, 2)
-        numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
-        b = smooth_noise((70, 90), 3.0, 11, 2)
-    finally:
-        numba.set_num_threads(old)
-    assert a.tobytes() == b.tobytes()
+def test_smooth_noise_thread_count_and_seed(thread_runs):
+    runs = thread_runs(lambda: smooth_noise((70, 90), 3.0, 11, 2))
+    a = runs[0]
+    assert all(b.tobytes() == a.tobytes() for b in runs)
     assert not np.array_equal(a, smooth_noise((70, 90), 3.0, 12, 2))
     with pytest.raises(ValueError):
         smooth_noise((10, 10), 0.0, 1)
@@ -229,7 +222,7 @@ def test_output_clipped_to_unit_range():
     assert out.min() >= 0 and out.max() <= 1 and (out == 1).any()
 
 
-def test_determinism_and_draws_within_ranges(rng):
+def test_determinism_and_draws_within_ranges(rng, thread_runs):
     oc = OpticalColourContrast()
     a = oc.sample(np.random.default_rng(9))
     assert a == oc.sample(np.random.default_rng(9))
@@ -237,15 +230,8 @@ def test_determinism_and_draws_within_ranges(rng):
         oc.sample_grains(np.random.default_rng(4), 30).tobytes()
     gid, dist = stripes(40, 60, 4)
     cols = oc.sample_grains(rng, 4)
-    old = numba.get_num_threads()
-    try:
-        numba.set_num_threads(1)
-        x = oc.apply(gid, dist, cols, a)
-        numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
-        y = oc.apply(gid, dist, cols, a)
-    finally:
-        numba.set_num_threads(old)
-    assert x.tobytes() == y.tobytes()
+    runs = thread_runs(lambda: oc.apply(gid, dist, cols, a))
+    assert all(y.tobytes() == runs[0].tobytes() for y in runs)
     ps = [oc.sample(rng) for _ in range(300)]
     for name, r in (("boundary_depth", oc.boundary_depth), ("shading_amplitude", oc.shading),
                     ("mottle_amplitude", oc.mottle_amplitude),

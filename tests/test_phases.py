@@ -2,7 +2,6 @@
 
 import math
 
-import numba
 import numpy as np
 import pytest
 
@@ -195,7 +194,7 @@ def test_phase_label_and_class_names(rng):
     assert np.array_equal(out[keep], sig[keep])
 
 
-def test_determinism_and_thread_count(rng):
+def test_determinism_and_thread_count(rng, thread_runs):
     tess = make_tess(np.random.default_rng(1), True, True)
     parts = Particles((ParticleClass("a", density=(20.0, 30.0), placement=THREE),
                        ParticleClass("b", density=(10.0, 10.0))))
@@ -209,14 +208,7 @@ def test_determinism_and_thread_count(rng):
     assert pa.intensity.tobytes() == pb.intensity.tobytes()
     yy, xx = np.mgrid[0:120.0, 0:160.0]
     xx = xx + rng.normal(0, 0.4, xx.shape)
-    old = numba.get_num_threads()
-    out = []
-    try:
-        for t in sorted({1, numba.config.NUMBA_NUM_THREADS}):
-            numba.set_num_threads(t)
-            out.append(a.label(xx, yy))
-    finally:
-        numba.set_num_threads(old)
+    out = thread_runs(lambda: a.label(xx, yy))
     assert out[0].tobytes() == out[-1].tobytes()
 
 

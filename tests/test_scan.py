@@ -45,22 +45,14 @@ def _numpy_linear_scan(h, w, p):
     return x, y
 
 
-def test_linear_scan_kernel_matches_numpy_bit_for_bit(rng):
+def test_linear_scan_kernel_matches_numpy_bit_for_bit(rng, thread_runs):
     """Offset + drift + jitter: the same bytes as the NumPy formula, for any thread count."""
-    import numba
-
     h, w = 37, 53
     m = ScanModel(shape=(h, w), drift_px=2.5, line_jitter_px=0.3, field_extent=(900.0, 700.0))
     p = m.sample(rng)
     ref = _numpy_linear_scan(h, w, p)
-    old = numba.get_num_threads()
-    try:
-        for threads in sorted({1, numba.config.NUMBA_NUM_THREADS}):
-            numba.set_num_threads(threads)
-            x, y = scan_coordinates((h, w), p)
-            assert x.tobytes() == ref[0].tobytes() and y.tobytes() == ref[1].tobytes()
-    finally:
-        numba.set_num_threads(old)
+    for x, y in thread_runs(lambda: scan_coordinates((h, w), p)):
+        assert x.tobytes() == ref[0].tobytes() and y.tobytes() == ref[1].tobytes()
 
 
 def test_optional_components_add_to_the_linear_scan(rng):

@@ -2,7 +2,6 @@
 
 import math
 
-import numba
 import numpy as np
 import pytest
 import shapely
@@ -297,7 +296,7 @@ def test_gradient_directions_are_isotropic():
     assert np.hypot(np.cos(ang).mean(), np.sin(ang).mean()) < 4 / math.sqrt(4000)
 
 
-def test_determinism_and_thread_count(rng):
+def test_determinism_and_thread_count(rng, thread_runs):
     tess = make_tess(np.random.default_rng(5), True, True, n=60, extent=(200.0, 160.0))
     a = Subgrains().sample_specimen(np.random.default_rng(9), tess)
     b = Subgrains().sample_specimen(np.random.default_rng(9), tess)
@@ -308,20 +307,13 @@ def test_determinism_and_thread_count(rng):
     xx = xx + rng.normal(0, 0.4, xx.shape)
     gid, _ = tess.label(xx, yy)
     grad = OrientationGradients().sample_specimen(np.random.default_rng(2), tess)
-    old = numba.get_num_threads()
-    out = []
-    try:
-        for t in sorted({1, numba.config.NUMBA_NUM_THREADS}):
-            numba.set_num_threads(t)
-            out.append(a.label(xx, yy, gid) + (grad.factor(xx, yy, gid),))
-    finally:
-        numba.set_num_threads(old)
+    out = thread_runs(lambda: a.label(xx, yy, gid) + (grad.factor(xx, yy, gid),))
     for u, v in zip(out[0], out[-1]):
         assert u.tobytes() == v.tobytes()
 
 
 @pytest.mark.parametrize("periodic", [False, True])
-def test_ring_and_tree_searches_agree_and_ignore_thread_count(periodic):
+def test_ring_and_tree_searches_agree_and_ignore_thread_count(periodic, thread_runs):
     """The grid ring search (fast path) and the k-d-tree search give the same cells (strongly
     unequal Laguerre weights, few grid cells a side), whatever the number of Numba threads."""
     rng = np.random.default_rng(11)
@@ -329,14 +321,7 @@ def test_ring_and_tree_searches_agree_and_ignore_thread_count(periodic):
     seeds = rng.uniform(0, 300, (n, 2))
     w = -rng.uniform(0, 400, n)  # ~ the spread of fitted lognormal weights
     tess = Tessellation(seeds, (300.0, 300.0), weights=w, periodic=periodic)
-    old = numba.get_num_threads()
-    runs = []
-    try:
-        for t in sorted({1, numba.config.NUMBA_NUM_THREADS}):
-            numba.set_num_threads(t)
-            runs.append(cell_polygons(tess))
-    finally:
-        numba.set_num_threads(old)
+    runs = thread_runs(lambda: cell_polygons(tess))
     a, b = runs[0], runs[-1]
     assert a.vertices.tobytes() == b.vertices.tobytes()
     assert a.edge_neighbour.tobytes() == b.edge_neighbour.tobytes()
