@@ -607,8 +607,8 @@ def _tile_owner_lines(a, b, xyw, dc, x0, y0, x1, y1, cap, fill, oxyw, oid, ids, 
     For owner ``o`` the boundary distance of a point ``x`` it owns is
     ``min_q (π_q(x) − π_o(x)) / (2 |q − o|) = min_q (a_q · x + c_q)``; lines that stay at or beyond
     ``cap`` over the whole tile (minimum at a corner) are dropped, the rest stored with that
-    minimum (``lmin``, a hair low) so that a point can stop once ``lmin ≥`` its best distance;
-    a line is stored as the row ``[lmin, a_x, a_y, c]`` (one cache line holds two).
+    minimum (``lmin``, a hair low: a lower bound of the line's distance over the tile, see
+    :func:`_tile_point`) and sorted by it; a line is stored as the row ``[lmin, a_x, a_y, c]`` (one cache line holds two).
     Returns (number of owners, number of lines); ``fill`` writes them at ``opos`` / ``lpos``.
     """
     u = _tile_u(a, b, xyw, x0, y0, x1, y1)
@@ -786,7 +786,15 @@ def _wrap(x, lx):
 @njit(cache=True, inline="always")
 def _tile_point(x, y, inv_thx, inv_thy, tnx, tny, cap, trange, oxyw, oid, lrange, lines):
     """Grain id, capped boundary distance and tile of one (wrapped) point from the tile lists;
-    a tile not built yet has the sentinel owner 0 (id ``-2``, no lines)."""
+    a tile not built yet has the sentinel owner 0 (id ``-2``, no lines).
+
+    Every line of the owner is evaluated, without stopping at the first whose stored minimum
+    ``lmin`` reaches the best distance so far: the lines beyond it (sorted by ``lmin``) are never
+    strictly closer (``lmin`` is a lower bound of the line's distance over the closed tile, with
+    a margin of ~1e-9 relative that covers rounding and the tile index of points an ulp outside),
+    so ``d < bd`` keeps the same value, signed zeros included, and the data-dependent loop exit
+    (~1.5-2 lines per owner) cost more than the lines it skipped (2.6 -> 2.35 ms per 512² frame).
+    """
     tx = min(int(x * inv_thx), tnx - 1)
     ty = min(int(y * inv_thy), tny - 1)
     k = ty * tnx + tx
@@ -804,8 +812,6 @@ def _tile_point(x, y, inv_thx, inv_thy, tnx, tny, cap, trange, oxyw, oid, lrange
                 j = t
     bd = cap
     for t in range(lrange[j, 0], lrange[j, 1]):
-        if lines[t, 0] >= bd:
-            break
         d = lines[t, 1] * x + lines[t, 2] * y + lines[t, 3]
         if d < bd:
             bd = d
