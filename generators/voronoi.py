@@ -417,6 +417,18 @@ def _tile_scan(sx, sy, sw, sid, start, nx, ny, hx, hy, lx, ly, periodic,
             gx, wx = _wrap_cell(jx, nx)
             shx = lx * wx
             c = gy * nx + gx
+            if fill and not prune:  # store every seed, keep it by counting it: no branch
+                for t in range(start[c], start[c + 1]):
+                    px = sx[t] + shx
+                    py = sy[t] + shy
+                    dc = _rect_dist(px, py, x0, y0, x1, y1)
+                    out_xyw[pos + count, 0] = px
+                    out_xyw[pos + count, 1] = py
+                    out_xyw[pos + count, 2] = sw[t]
+                    out_id[pos + count] = sid[t]
+                    out_dc[pos + count] = max(dc - 1e-9 * (1.0 + dc), 0.0)
+                    count += 1 if dc < radius else 0
+                continue
             for t in range(start[c], start[c + 1]):
                 px = sx[t] + shx
                 py = sy[t] + shy
