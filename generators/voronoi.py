@@ -405,6 +405,9 @@ def _grid_window(x0, y0, x1, y1, radius, hx, hy, nx, ny, periodic):
 def _tile_scan(sx, sy, sw, sid, start, nx, ny, hx, hy, lx, ly, periodic,
                x0, y0, x1, y1, radius, fill, out_xyw, out_id, out_dc, pos, u=np.inf, cap=0.0):
     """Visit every seed (and periodic image) within ``radius`` of the rectangle; count or store.
+    The grid cells of a window row that lie in one period are consecutive in the seed arrays
+    (cell-major order): each such run is one loop, in the order of its cells (so the same
+    candidates in the same order as cell by cell, with fewer loop exits to mispredict).
     With a finite ``u`` (the tile's nearest-power bound) seeds that :func:`_may_matter` rules
     out are skipped (Laguerre weights: the radius is set by the largest weight)."""
     prune = u < np.inf
@@ -413,12 +416,17 @@ def _tile_scan(sx, sy, sw, sid, start, nx, ny, hx, hy, lx, ly, periodic,
     for jy in range(jy0, jy1 + 1):
         gy, wy = _wrap_cell(jy, ny)
         shy = ly * wy
-        for jx in range(jx0, jx1 + 1):
+        jx = jx0
+        while jx <= jx1:  # runs of cells in one period: their seeds are consecutive
             gx, wx = _wrap_cell(jx, nx)
             shx = lx * wx
             c = gy * nx + gx
+            last = min(jx1, jx + nx - 1 - gx)
+            ta = start[c]
+            tb = start[c + last - jx + 1]
+            jx = last + 1
             if fill and not prune:  # store every seed, keep it by counting it: no branch
-                for t in range(start[c], start[c + 1]):
+                for t in range(ta, tb):
                     px = sx[t] + shx
                     py = sy[t] + shy
                     dc = _rect_dist(px, py, x0, y0, x1, y1)
@@ -429,7 +437,7 @@ def _tile_scan(sx, sy, sw, sid, start, nx, ny, hx, hy, lx, ly, periodic,
                     out_dc[pos + count] = max(dc - 1e-9 * (1.0 + dc), 0.0)
                     count += 1 if dc < radius else 0
                 continue
-            for t in range(start[c], start[c + 1]):
+            for t in range(ta, tb):
                 px = sx[t] + shx
                 py = sy[t] + shy
                 dc = _rect_dist(px, py, x0, y0, x1, y1)
@@ -458,11 +466,16 @@ def _tile_upper_bound(sx, sy, sw, start, nx, ny, hx, hy, lx, ly, periodic, x0, y
         for jy in range(jy0, jy1 + 1):
             gy, wy = _wrap_cell(jy, ny)
             shy = ly * wy
-            for jx in range(jx0, jx1 + 1):
+            jx = jx0
+            while jx <= jx1:  # runs of cells in one period (as in _tile_scan)
                 gx, wx = _wrap_cell(jx, nx)
                 shx = lx * wx
                 c = gy * nx + gx
-                for t in range(start[c], start[c + 1]):
+                last = min(jx1, jx + nx - 1 - gx)
+                ta = start[c]
+                tb = start[c + last - jx + 1]
+                jx = last + 1
+                for t in range(ta, tb):
                     px = sx[t] + shx
                     py = sy[t] + shy
                     ax = max(abs(px - x0), abs(px - x1))
@@ -586,10 +599,13 @@ def _window_seeds(start, nx, ny, hx, hy, periodic, x0, y0, x1, y1, radius):
     count = 0
     for jy in range(jy0, jy1 + 1):
         gy, _ = _wrap_cell(jy, ny)
-        for jx in range(jx0, jx1 + 1):
+        jx = jx0
+        while jx <= jx1:  # runs of cells in one period (as in _tile_scan)
             gx, _ = _wrap_cell(jx, nx)
             c = gy * nx + gx
-            count += start[c + 1] - start[c]
+            last = min(jx1, jx + nx - 1 - gx)
+            count += start[c + last - jx + 1] - start[c]
+            jx = last + 1
     return count
 
 
