@@ -387,3 +387,40 @@ def test_tile_kernel_equals_the_early_exit_form(rng, periodic, sigma, thread_run
             np.testing.assert_array_equal(gid[inside], want[0][inside])
             np.testing.assert_array_equal(dist[inside].view(np.int32),
                                           want[1][inside].view(np.int32))
+
+
+#: :func:`_tile_lists_digest` (2026) of the build on main at 6697f64 (cell-by-cell scans)
+_TILE_LISTS_DIGEST = "cfa08eea1c0018620948503e3143ed45200cfe0ad75073dcd123cf0b87e58e33"
+
+
+def _tile_lists_digest(seed: int) -> str:
+    """SHA-256 of the complete tile lists (ranges, owners, lines as built) of 8 tessellations:
+    Poisson and Laguerre (with empty cells), periodic and not, several caps and tile sizes."""
+    import hashlib
+
+    rng = np.random.default_rng(seed)
+    h = hashlib.sha256()
+    for k in range(8):
+        extent = (1024.0, 1024.0) if k == 0 else (float(rng.uniform(120, 400)),
+                                                  float(rng.uniform(120, 400)))
+        n = 700 if k == 0 else int(rng.integers(30, 250))
+        seeds = poisson_seeds(rng, n, extent)
+        spacing = math.sqrt(extent[0] * extent[1] / n)
+        weights = lognormal_weights(rng, n, spacing, 0.5 + 0.5 * (k % 2)) if k % 3 == 1 else None
+        tess = Tessellation(seeds, extent, weights=weights, periodic=k % 4 != 3,
+                            tile_divisor=(4.0, 1.5, 7.0)[k % 3])
+        cap = (8.29, 3.0, 12.0)[k % 3]
+        tess._tile_lists(cap)
+        pool = tess._tile_pool(cap)
+        no, nl = pool.n_owners, pool.n_lines
+        for a in (pool.trange, pool.oxyw[:no], pool.oid[:no], pool.lrange[:no], pool.lines[:nl]):
+            h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
+def test_tile_lists_are_those_of_the_reference_build(thread_runs):
+    """The tile lists, bit for bit, as the per-cell scans built them (digest taken with the
+    build of 2026-11 before its scans went run by run), under 1 and 2 threads (the first
+    tessellation has ~11,000 tiles: the parallel build)."""
+    for digest in thread_runs(lambda: _tile_lists_digest(2026)):
+        assert digest == _TILE_LISTS_DIGEST
