@@ -87,7 +87,13 @@ def _correlate_cols(src, fw, radius, out):
         buf = np.empty(w + 2 * radius)  # buffers per block of rows, not per row
         acc = np.empty(w)
         for r in range(blk * _ROWS, min(h, (blk + 1) * _ROWS)):
-            for c in range(-radius, w + radius):
+            # the line, then its reflected margins (-radius <= c < 0, w <= c < w + radius):
+            # the copy of the line has no index test and vectorises
+            for c in range(w):
+                buf[c + radius] = np.float64(src[r, c])
+            for c in range(-radius, 0):
+                buf[c + radius] = np.float64(src[r, _reflect(c, w)])
+            for c in range(w, w + radius):
                 buf[c + radius] = np.float64(src[r, _reflect(c, w)])
             w0 = fw[radius]
             for c in range(w):

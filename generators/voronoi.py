@@ -405,6 +405,9 @@ def _grid_window(x0, y0, x1, y1, radius, hx, hy, nx, ny, periodic):
 def _tile_scan(sx, sy, sw, sid, start, nx, ny, hx, hy, lx, ly, periodic,
                x0, y0, x1, y1, radius, fill, out_xyw, out_id, out_dc, pos, u=np.inf, cap=0.0):
     """Visit every seed (and periodic image) within ``radius`` of the rectangle; count or store.
+    The grid cells of a window row that lie in one period are consecutive in the seed arrays
+    (cell-major order): each such run is one loop, in the order of its cells (so the same
+    candidates in the same order as cell by cell, with fewer loop exits to mispredict).
     With a finite ``u`` (the tile's nearest-power bound) seeds that :func:`_may_matter` rules
     out are skipped (Laguerre weights: the radius is set by the largest weight)."""
     prune = u < np.inf
@@ -413,11 +416,28 @@ def _tile_scan(sx, sy, sw, sid, start, nx, ny, hx, hy, lx, ly, periodic,
     for jy in range(jy0, jy1 + 1):
         gy, wy = _wrap_cell(jy, ny)
         shy = ly * wy
-        for jx in range(jx0, jx1 + 1):
+        jx = jx0
+        while jx <= jx1:  # runs of cells in one period: their seeds are consecutive
             gx, wx = _wrap_cell(jx, nx)
             shx = lx * wx
             c = gy * nx + gx
-            for t in range(start[c], start[c + 1]):
+            last = min(jx1, jx + nx - 1 - gx)
+            ta = start[c]
+            tb = start[c + last - jx + 1]
+            jx = last + 1
+            if fill and not prune:  # store every seed, keep it by counting it: no branch
+                for t in range(ta, tb):
+                    px = sx[t] + shx
+                    py = sy[t] + shy
+                    dc = _rect_dist(px, py, x0, y0, x1, y1)
+                    out_xyw[pos + count, 0] = px
+                    out_xyw[pos + count, 1] = py
+                    out_xyw[pos + count, 2] = sw[t]
+                    out_id[pos + count] = sid[t]
+                    out_dc[pos + count] = max(dc - 1e-9 * (1.0 + dc), 0.0)
+                    count += 1 if dc < radius else 0
+                continue
+            for t in range(ta, tb):
                 px = sx[t] + shx
                 py = sy[t] + shy
                 dc = _rect_dist(px, py, x0, y0, x1, y1)
@@ -446,11 +466,16 @@ def _tile_upper_bound(sx, sy, sw, start, nx, ny, hx, hy, lx, ly, periodic, x0, y
         for jy in range(jy0, jy1 + 1):
             gy, wy = _wrap_cell(jy, ny)
             shy = ly * wy
-            for jx in range(jx0, jx1 + 1):
+            jx = jx0
+            while jx <= jx1:  # runs of cells in one period (as in _tile_scan)
                 gx, wx = _wrap_cell(jx, nx)
                 shx = lx * wx
                 c = gy * nx + gx
-                for t in range(start[c], start[c + 1]):
+                last = min(jx1, jx + nx - 1 - gx)
+                ta = start[c]
+                tb = start[c + last - jx + 1]
+                jx = last + 1
+                for t in range(ta, tb):
                     px = sx[t] + shx
                     py = sy[t] + shy
                     ax = max(abs(px - x0), abs(px - x1))
@@ -574,10 +599,13 @@ def _window_seeds(start, nx, ny, hx, hy, periodic, x0, y0, x1, y1, radius):
     count = 0
     for jy in range(jy0, jy1 + 1):
         gy, _ = _wrap_cell(jy, ny)
-        for jx in range(jx0, jx1 + 1):
+        jx = jx0
+        while jx <= jx1:  # runs of cells in one period (as in _tile_scan)
             gx, _ = _wrap_cell(jx, nx)
             c = gy * nx + gx
-            count += start[c + 1] - start[c]
+            last = min(jx1, jx + nx - 1 - gx)
+            count += start[c + last - jx + 1] - start[c]
+            jx = last + 1
     return count
 
 
@@ -607,8 +635,8 @@ def _tile_owner_lines(a, b, xyw, dc, x0, y0, x1, y1, cap, fill, oxyw, oid, ids, 
     For owner ``o`` the boundary distance of a point ``x`` it owns is
     ``min_q (π_q(x) − π_o(x)) / (2 |q − o|) = min_q (a_q · x + c_q)``; lines that stay at or beyond
     ``cap`` over the whole tile (minimum at a corner) are dropped, the rest stored with that
-    minimum (``lmin``, a hair low) so that a point can stop once ``lmin ≥`` its best distance;
-    a line is stored as the row ``[lmin, a_x, a_y, c]`` (one cache line holds two).
+    minimum (``lmin``, a hair low: a lower bound of the line's distance over the tile, see
+    :func:`_tile_point`) and sorted by it; a line is stored as the row ``[lmin, a_x, a_y, c]`` (one cache line holds two).
     Returns (number of owners, number of lines); ``fill`` writes them at ``opos`` / ``lpos``.
     """
     u = _tile_u(a, b, xyw, x0, y0, x1, y1)
@@ -786,14 +814,32 @@ def _wrap(x, lx):
 @njit(cache=True, inline="always")
 def _tile_point(x, y, inv_thx, inv_thy, tnx, tny, cap, trange, oxyw, oid, lrange, lines):
     """Grain id, capped boundary distance and tile of one (wrapped) point from the tile lists;
-    a tile not built yet has the sentinel owner 0 (id ``-2``, no lines)."""
+    a tile not built yet has the sentinel owner 0 (id ``-2``, no lines).
+
+    Every line of the owner is evaluated, without stopping at the first whose stored minimum
+    ``lmin`` reaches the best distance so far: the lines beyond it (sorted by ``lmin``) are never
+    strictly closer (``lmin`` is a lower bound of the line's distance over the closed tile, with
+    a margin of ~1e-9 relative that covers rounding and the tile index of points an ulp outside),
+    so ``d < bd`` keeps the same value, signed zeros included, and the data-dependent loop exit
+    (~1.5-2 lines per owner) cost more than the lines it skipped (2.6 -> 2.35 ms per 512² frame).
+    """
     tx = min(int(x * inv_thx), tnx - 1)
     ty = min(int(y * inv_thy), tny - 1)
     k = ty * tnx + tx
     a = trange[k, 0]
     b = trange[k, 1]
     j = a
-    if b - a > 1:  # nearest owner in power distance (first in candidate order on a tie)
+    nb = b - a
+    if nb <= 2:  # one or two owners (~85 % of tiles), by selects: no branch on the count
+        t1 = a + (nb >> 1)  # (a again for one owner: then p1 == p0 and j stays a)
+        dx = x - oxyw[a, 0]
+        dy = y - oxyw[a, 1]
+        p0 = dx * dx + dy * dy - oxyw[a, 2]
+        dx = x - oxyw[t1, 0]
+        dy = y - oxyw[t1, 1]
+        p1 = dx * dx + dy * dy - oxyw[t1, 2]
+        j = t1 if p1 < p0 else a
+    else:  # nearest owner in power distance (first in candidate order on a tie)
         best = np.inf
         for t in range(a, b):
             dx = x - oxyw[t, 0]
@@ -804,8 +850,6 @@ def _tile_point(x, y, inv_thx, inv_thy, tnx, tny, cap, trange, oxyw, oid, lrange
                 j = t
     bd = cap
     for t in range(lrange[j, 0], lrange[j, 1]):
-        if lines[t, 0] >= bd:
-            break
         d = lines[t, 1] * x + lines[t, 2] * y + lines[t, 3]
         if d < bd:
             bd = d

@@ -202,7 +202,8 @@ def test_default_workers_stay_in_process_for_short_runs_and_use_a_pool_otherwise
 
 
 def test_default_shard_size_depends_on_n_only():
-    assert default_shard_size(1) == 8 and default_shard_size(64) == 8
+    assert default_shard_size(1) == 16 and default_shard_size(64) == 16
+    assert default_shard_size(4096) == 16 and default_shard_size(4097) == 17
     assert default_shard_size(10_000) == 40
     assert default_shard_size(10**6) == 256
 
@@ -476,7 +477,7 @@ def test_resume_with_other_settings_is_refused_unless_overwrite(small, tmp_path,
         generate_dataset(small, out, workers=1, shard_size=6)
     n_before = len(logged(shard_log))
     generate_dataset(small, out, workers=1, seed=99, overwrite=True)
-    assert len(logged(shard_log)) - n_before == 3  # started over: every shard of size 8
+    assert len(logged(shard_log)) - n_before == 2  # started over: every default shard (16)
     assert open_dataset(out).attrs["root_seed"] == 99
 
 
@@ -487,7 +488,7 @@ def test_an_existing_output_is_kept_replaced_only_with_overwrite(small, tmp_path
     messages = []
     generate_dataset(small, out, workers=2, log=messages.append)  # same run: nothing to do
     assert out.stat().st_mtime_ns == mtime and "already complete" in messages[0]
-    assert len(logged(shard_log)) == 3
+    assert len(logged(shard_log)) == 2  # the default shards of 16
     with pytest.raises(GenerationError, match="already exists.*root_seed.*--overwrite"):
         generate_dataset(small, out, workers=1, seed=5)
     with pytest.raises(GenerationError, match="compression"):

@@ -3,6 +3,7 @@
 import math
 
 import numba
+from numba import njit
 import numpy as np
 import pytest
 
@@ -308,3 +309,118 @@ def test_lazy_tile_lists_from_concurrent_threads(rng):
         wg, wd = full.label(xx + o[0], yy + o[1], max_distance=6.0)
         np.testing.assert_array_equal(g, wg)
         np.testing.assert_array_equal(d, wd)
+
+
+@njit(cache=True)
+def _early_exit_labels(xs, ys, tnx, tny, lx, ly, periodic, cap, trange, oxyw, oid, lrange,
+                       lines):
+    """The tile kernel as it was up to 2026-11: the owner's lines in ``lmin`` order, stopping
+    at the first whose ``lmin`` reaches the best distance so far (reference for the bits)."""
+    n = xs.shape[0]
+    gid = np.full(n, -1, dtype=np.int32)
+    dist = np.zeros(n, dtype=np.float32)
+    inv_thx = tnx / lx
+    inv_thy = tny / ly
+    for i in range(n):
+        x = xs[i]
+        y = ys[i]
+        if periodic:
+            x = x - lx * np.floor(x / lx)
+            y = y - ly * np.floor(y / ly)
+        elif x < 0.0 or y < 0.0 or x >= lx or y >= ly:
+            continue
+        k = min(int(y * inv_thy), tny - 1) * tnx + min(int(x * inv_thx), tnx - 1)
+        j = trange[k, 0]
+        if trange[k, 1] - trange[k, 0] > 1:
+            best = np.inf
+            for t in range(trange[k, 0], trange[k, 1]):
+                p = (x - oxyw[t, 0]) ** 2 + (y - oxyw[t, 1]) ** 2 - oxyw[t, 2]
+                if p < best:
+                    best = p
+                    j = t
+        bd = cap
+        for t in range(lrange[j, 0], lrange[j, 1]):
+            if lines[t, 0] >= bd:
+                break
+            d = lines[t, 1] * x + lines[t, 2] * y + lines[t, 3]
+            if d < bd:
+                bd = d
+        gid[i] = oid[j]
+        dist[i] = max(bd, 0.0)
+    return gid, dist
+
+
+@pytest.mark.parametrize("periodic", [False, True])
+@pytest.mark.parametrize("sigma", [0.0, 0.6, 1.5])
+def test_tile_kernel_equals_the_early_exit_form(rng, periodic, sigma, thread_runs):
+    """The tile kernel evaluates every line of the owner; the early-exit form it replaced stopped
+    at the first line whose stored lower bound reached the best distance: same grain ids and
+    same distance bits (signed zeros included), on many random tessellations (Poisson,
+    hard-core, Laguerre with empty cells), caps and frames (jittered rasters, scattered points
+    with tile corners and edges exactly), under 1 and 2 threads."""
+    for trial in range(6):
+        extent = (float(rng.uniform(150, 500)), float(rng.uniform(150, 500)))
+        n = int(rng.integers(20, 300))
+        if trial % 2:
+            seeds = hardcore_seeds(rng, n, extent, 0.5 * math.sqrt(extent[0] * extent[1] / n))
+        else:
+            seeds = poisson_seeds(rng, n, extent)
+        spacing = math.sqrt(extent[0] * extent[1] / n)
+        weights = lognormal_weights(rng, n, 0.5 * spacing, sigma) if sigma > 0 else None
+        tess = Tessellation(seeds, extent, weights=weights, periodic=periodic,
+                            tile_divisor=float(rng.choice([1.0, 4.0, 7.0])))
+        cap = float(rng.choice([1.5, 4.0, 9.0]))
+        lists = tess._tile_lists(cap)
+        tnx, tny = lists[:2]
+        yy, xx = np.mgrid[0:96, 0:128].astype(np.float64)
+        off = rng.uniform(-extent[0], 2 * extent[0], 2)
+        gx = np.linspace(0.0, extent[0], tnx + 1)
+        gy = np.linspace(0.0, extent[1], tny + 1)
+        cx, cy = np.meshgrid(gx, gy)
+        x = np.concatenate([(xx + off[0] + rng.normal(0, 0.3, (96, 1))).ravel(),
+                            rng.uniform(-extent[0], 2 * extent[0], 4000), cx.ravel()])
+        y = np.concatenate([(yy + off[1] + 0.01 * xx).ravel(),
+                            rng.uniform(-extent[1], 2 * extent[1], 4000), cy.ravel()])
+        want = _early_exit_labels(x, y, tnx, tny, *tess.extent, periodic, cap, *lists[2:])
+        inside = want[0] >= 0  # (non-periodic points outside the box: the ring search's)
+        for gid, dist in thread_runs(lambda: tess.label(x, y, max_distance=cap)):
+            np.testing.assert_array_equal(gid[inside], want[0][inside])
+            np.testing.assert_array_equal(dist[inside].view(np.int32),
+                                          want[1][inside].view(np.int32))
+
+
+#: :func:`_tile_lists_digest` (2026) of the build on main at 6697f64 (cell-by-cell scans)
+_TILE_LISTS_DIGEST = "cfa08eea1c0018620948503e3143ed45200cfe0ad75073dcd123cf0b87e58e33"
+
+
+def _tile_lists_digest(seed: int) -> str:
+    """SHA-256 of the complete tile lists (ranges, owners, lines as built) of 8 tessellations:
+    Poisson and Laguerre (with empty cells), periodic and not, several caps and tile sizes."""
+    import hashlib
+
+    rng = np.random.default_rng(seed)
+    h = hashlib.sha256()
+    for k in range(8):
+        extent = (1024.0, 1024.0) if k == 0 else (float(rng.uniform(120, 400)),
+                                                  float(rng.uniform(120, 400)))
+        n = 700 if k == 0 else int(rng.integers(30, 250))
+        seeds = poisson_seeds(rng, n, extent)
+        spacing = math.sqrt(extent[0] * extent[1] / n)
+        weights = lognormal_weights(rng, n, spacing, 0.5 + 0.5 * (k % 2)) if k % 3 == 1 else None
+        tess = Tessellation(seeds, extent, weights=weights, periodic=k % 4 != 3,
+                            tile_divisor=(4.0, 1.5, 7.0)[k % 3])
+        cap = (8.29, 3.0, 12.0)[k % 3]
+        tess._tile_lists(cap)
+        pool = tess._tile_pool(cap)
+        no, nl = pool.n_owners, pool.n_lines
+        for a in (pool.trange, pool.oxyw[:no], pool.oid[:no], pool.lrange[:no], pool.lines[:nl]):
+            h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
+def test_tile_lists_are_those_of_the_reference_build(thread_runs):
+    """The tile lists, bit for bit, as the per-cell scans built them (digest taken with the
+    build of 2026-11 before its scans went run by run), under 1 and 2 threads (the first
+    tessellation has ~11,000 tiles: the parallel build)."""
+    for digest in thread_runs(lambda: _tile_lists_digest(2026)):
+        assert digest == _TILE_LISTS_DIGEST

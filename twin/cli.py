@@ -177,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start over: discard an unfinished run and replace an existing output "
                         "(default: resume an unfinished run, keep finished shards)")
     g.add_argument("--shard-size", type=_positive_int, default=None, metavar="K",
-                   help="samples per shard (default: clip(n/256, 8, 256), or the unfinished run's)")
+                   help="samples per shard (default: clip(n/256, 16, 256), or the unfinished run's)")
     g.add_argument("--keep-shards", action="store_true",
                    help="keep OUTPUT.shards/ after the final file is written")
     g.add_argument("--scheduler", default=None, metavar="ADDRESS",
