@@ -76,6 +76,11 @@ def main() -> None:
 
     from twin.generate import build_pipeline
     from twin.recipe import parse_recipe
+    from twin.shards import tune_allocator
+
+    # the allocator settings of every generating process (twin generate / generate_dataset): without
+    # them the page faults of the per-sample arrays vary from run to run (see tune_allocator)
+    tuned = tune_allocator()
 
     warm = 2 * args.per_specimen
     total = warm + args.n
@@ -111,7 +116,7 @@ def main() -> None:
         per_round.append(rr["all features"] / rr["plain"])
     rate = {k: rounds * chunk / t for k, t in seconds.items()}
     print(f"size {args.size}x{args.size}, {rounds} x {chunk} samples each, "
-          f"{args.per_specimen} per specimen")
+          f"{args.per_specimen} per specimen, allocator tuned as in generation: {tuned}")
     for k, v in rate.items():
         print(f"{k:22s} : {v:8.1f} samples/s   ratio to plain {v / rate['plain']:6.3f}")
     print("per-round ratios all/plain: " + " ".join(f"{x:.3f}" for x in per_round))
