@@ -59,10 +59,30 @@ def _position(lst_j, cnt, i, j):
 
 
 @njit(cache=True)
-def _areas_hessian_kernel(v, nb, start, seeds, lx, ly, periodic):
-    """Cell areas and the CSC arrays (indptr, indices, data) of the symmetric Hessian."""
+def _areas_kernel(v, start):
+    """Cell areas (n,) px² by the shoelace sums over each cell's vertices (cells with fewer than
+    three vertices: 0)."""
     n = start.shape[0] - 1
     areas = np.zeros(n)
+    for i in range(n):
+        a = start[i]
+        b = start[i + 1]
+        if b - a < 3:
+            continue
+        acc = 0.0
+        for e in range(a, b):
+            f = e + 1 if e + 1 < b else a
+            acc += v[e, 0] * v[f, 1] - v[f, 0] * v[e, 1]
+        areas[i] = 0.5 * abs(acc)
+    return areas
+
+
+@njit(cache=True)
+def _areas_hessian_kernel(v, nb, start, seeds, lx, ly, periodic):
+    """Cell areas (:func:`_areas_kernel`) and the CSC arrays (indptr, indices, data) of the
+    symmetric Hessian."""
+    n = start.shape[0] - 1
+    areas = _areas_kernel(v, start)
     width = 1
     for i in range(n):
         width = max(width, start[i + 1] - start[i])
@@ -75,10 +95,8 @@ def _areas_hessian_kernel(v, nb, start, seeds, lx, ly, periodic):
         b = start[i + 1]
         if b - a < 3:
             continue
-        acc = 0.0
         for e in range(a, b):
             f = e + 1 if e + 1 < b else a
-            acc += v[e, 0] * v[f, 1] - v[f, 0] * v[e, 1]
             j = nb[e]
             if j < 0 or j == i:
                 continue
@@ -96,7 +114,6 @@ def _areas_hessian_kernel(v, nb, start, seeds, lx, ly, periodic):
                 lst_j[i, k] = j
                 cnt[i] += 1
             lst_c[i, k] += c
-        areas[i] = 0.5 * abs(acc)
     # symmetric off-diagonal −(c_ij + c_ji) / 2 over the union of both lists; diagonal −Σ row
     # neighbours j that list i while i does not list j (only for inexact input): add them
     extra = np.zeros(n, dtype=np.int64)
@@ -193,25 +210,6 @@ def _ground_kernel(indptr, indices, data):
                 k += 1
         ip[c] = k
     return ip, ix, dd
-
-
-@njit(cache=True)
-def _areas_kernel(v, start):
-    """Cell areas (n,) px² by the shoelace sums of :func:`_areas_hessian_kernel` (the same
-    terms in the same order: the same bits), without the Hessian."""
-    n = start.shape[0] - 1
-    areas = np.zeros(n)
-    for i in range(n):
-        a = start[i]
-        b = start[i + 1]
-        if b - a < 3:
-            continue
-        acc = 0.0
-        for e in range(a, b):
-            f = e + 1 if e + 1 < b else a
-            acc += v[e, 0] * v[f, 1] - v[f, 0] * v[e, 1]
-        areas[i] = 0.5 * abs(acc)
-    return areas
 
 
 def _areas_of(seeds: np.ndarray, weights: np.ndarray | None, extent: tuple[float, float],

@@ -505,8 +505,8 @@ def test_laguerre_hessian_matches_finite_differences():
 @pytest.mark.parametrize("periodic", [True, False])
 def test_fit_trial_areas_bitwise_equal_the_hessian_kernels(periodic):
     """The fit's trials take their areas from the areas-only kernel (the Hessian is built only
-    for accepted weights that need another step): the same bits as the Hessian kernel's, and
-    the grounded Hessian of :func:`_grounded` is that of :func:`_areas_and_grounded`."""
+    for accepted weights that need another step; the Hessian kernel reuses it), and the grounded
+    Hessian of :func:`_grounded` is that of :func:`_areas_and_grounded`."""
     from generators.sizes import (_areas_and_grounded, _areas_hessian_kernel, _areas_of,
                                   _grounded, _kernel_inputs)
 
