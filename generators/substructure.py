@@ -144,6 +144,18 @@ def _certified(d, wp, qx, qy, r, n):
 
 
 @njit(cache=True, inline="always")
+def _certified_r2(d, wp, rmax2, n):
+    """:func:`_certified` from the polygon's largest squared vertex distance ``rmax2`` (as
+    :func:`_rmax2` computes it): ``sqrt`` is correctly rounded and monotone, so ``sqrt(max r²)``
+    is ``max sqrt(r²)`` bit for bit."""
+    if n == 0 or d == np.inf:
+        return True
+    if not d > 0.0:
+        return False
+    return (d * d + wp) / (2.0 * d) >= math.sqrt(rmax2)
+
+
+@njit(cache=True, inline="always")
 def _start_box(box, i, qx, qy, qe):
     """Write the box of seed ``i`` (x0, y0, x1, y1, seed-relative) as the 4-gon to clip (row 0
     of the two-row buffers)."""
@@ -252,7 +264,7 @@ def _cells_ring_kernel(px, py, pw, gx, gy, gw, gid, gstart, nx, ny, hx, hy, lx, 
                 # unvisited seeds lie outside the square of rings < k around the seed's grid cell
                 dk = min(min(px[i] - (cx - k + 1) * hx, (cx + k) * hx - px[i]),
                          min(py[i] - (cy - k + 1) * hy, (cy + k) * hy - py[i]))
-                if k >= 1 and _certified(dk, pw[i], qx, qy, r, m):
+                if k >= 1 and _certified_r2(dk, pw[i], rmax2, m):
                     done = True
                     break
                 if not periodic and k > max(max(cx, nx - 1 - cx), max(cy, ny - 1 - cy)):
@@ -641,7 +653,8 @@ def _sub_label_kernel(xs, ys, gid, ox, oy, lx, ly, periodic, gstart, sx, sy, who
 
     Consecutive pixels mostly share a sub-grain: the previous pixel's sub-seed is kept when it
     is strictly nearer than every sub-seed across its polygon's bisector edges (which then proves
-    it the nearest of the grain); otherwise all sub-seeds of the grain are compared."""
+    it the nearest of the grain; its edge distances are taken in the same loop, in edge order);
+    otherwise all sub-seeds of the grain are compared."""
     n = xs.shape[0]
     for c in prange((n + _CHUNK - 1) // _CHUNK):
         prev_g = -1
@@ -663,7 +676,8 @@ def _sub_label_kernel(xs, ys, gid, ox, oy, lx, ly, periodic, gstart, sx, sy, who
                 prev_g = -1
                 continue
             bi = -1
-            if g == prev_g:
+            d2 = np.inf
+            if g == prev_g:  # the keep test and the kept sub-seed's edge distances in one loop
                 dx = x - sx[prev_b]
                 dy = y - sy[prev_b]
                 best = dx * dx + dy * dy
@@ -672,9 +686,10 @@ def _sub_label_kernel(xs, ys, gid, ox, oy, lx, ly, periodic, gstart, sx, sy, who
                     q = seg_nb[s]
                     dx = x - sx[q]
                     dy = y - sy[q]
-                    if not best < dx * dx + dy * dy:
-                        keep = False
-                        break
+                    keep = keep and best < dx * dx + dy * dy
+                    v = _seg_dist2(x, y, seg[s, 0], seg[s, 1], seg[s, 2], seg[s, 3])
+                    if v < d2:
+                        d2 = v
                 if keep:
                     bi = prev_b
             if bi < 0:
@@ -683,15 +698,15 @@ def _sub_label_kernel(xs, ys, gid, ox, oy, lx, ly, periodic, gstart, sx, sy, who
                 for q in range(a, b):
                     dx = x - sx[q]
                     dy = y - sy[q]
-                    d2 = dx * dx + dy * dy
-                    if d2 < best:
-                        best = d2
+                    dd = dx * dx + dy * dy
+                    if dd < best:
+                        best = dd
                         bi = q
-            d2 = np.inf
-            for s in range(sstart[bi], sstart[bi + 1]):
-                v = _seg_dist2(x, y, seg[s, 0], seg[s, 1], seg[s, 2], seg[s, 3])
-                if v < d2:
-                    d2 = v
+                d2 = np.inf
+                for s in range(sstart[bi], sstart[bi + 1]):
+                    v = _seg_dist2(x, y, seg[s, 0], seg[s, 1], seg[s, 2], seg[s, 3])
+                    if v < d2:
+                        d2 = v
             out_id[i] = bi
             out_d[i] = min(math.sqrt(d2), cap)
             prev_g = g

@@ -420,3 +420,55 @@ def test_subgrain_polygons_task_buffers_keep_the_bits(thread_runs):
         return _hash(out)
 
     assert thread_runs(run) == ["dd75e568df9f1a0a"] * len(thread_runs(lambda: 0))
+
+
+@pytest.mark.parametrize("periodic", [True, False])
+def test_subgrain_label_fused_keep_loop_bitwise_equals_numpy(rng, thread_runs, periodic):
+    """Sub-grain ids and edge distances (the keep test and the kept sub-seed's edge distances
+    in one loop) against a NumPy evaluation: the nearest sub-seed of the pixel's grain (first
+    of equals) and the same segment-distance expressions over its edges, for rows of pixels
+    (the kept path) and scattered points (the search)."""
+    from generators.substructure import build_subgrains
+
+    tess = _specimen(rng, n=40, ext=(150.0, 110.0), sigma=0.5, periodic=periodic)
+    lx, ly = tess.extent
+    st = build_subgrains(tess, rng.uniform(0, 1, (160, 2)) * tess.extent)
+    gy, gx = np.mgrid[0:110:0.37, 0:150:0.41]
+    x = np.concatenate([gx.ravel(), rng.uniform(0, lx, 4000)])
+    y = np.concatenate([gy.ravel(), rng.uniform(0, ly, 4000)])
+    gid, _ = tess.label(x, y)
+    cap = 7.5
+    runs = thread_runs(lambda: st.label(x, y, gid, max_distance=cap))
+    o = st.polygons.origins[gid]
+    if periodic:
+        dx, dy = x - o[:, 0], y - o[:, 1]
+        xf = o[:, 0] + dx - lx * np.floor(dx / lx + 0.5)
+        yf = o[:, 1] + dy - ly * np.floor(dy / ly + 0.5)
+    else:
+        xf, yf = x, y
+    ref_id = np.empty(x.size, np.int64)
+    ref_d = np.empty(x.size, np.float32)
+    gs = st.grain_start
+    for i in range(x.size):
+        a, b = gs[gid[i]], gs[gid[i] + 1]
+        if a == b:
+            ref_id[i] = st.n_seeded + gid[i]
+            ref_d[i] = cap
+            continue
+        d2 = (xf[i] - st.seeds[a:b, 0]) ** 2 + (yf[i] - st.seeds[a:b, 1]) ** 2
+        k = a + int(np.argmin(d2))
+        seg = st.segments[st.segment_start[k]:st.segment_start[k + 1]]
+        ex, ey = seg[:, 2] - seg[:, 0], seg[:, 3] - seg[:, 1]
+        l2 = ex * ex + ey * ey
+        with np.errstate(invalid="ignore", divide="ignore"):
+            t = np.where(l2 > 0, np.minimum(np.maximum(
+                ((xf[i] - seg[:, 0]) * ex + (yf[i] - seg[:, 1]) * ey) / l2, 0.0), 1.0), 0.0)
+        ddx = xf[i] - (seg[:, 0] + t * ex)
+        ddy = yf[i] - (seg[:, 1] + t * ey)
+        v = ddx * ddx + ddy * ddy
+        ref_id[i] = k
+        ref_d[i] = min(np.sqrt(v.min()) if v.size else np.inf, cap)
+    for sid, sd in runs:
+        assert np.array_equal(sid, ref_id)
+        assert sd.tobytes() == ref_d.tobytes()
+    assert (ref_d < cap).mean() > 0.2
