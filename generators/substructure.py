@@ -144,6 +144,18 @@ def _certified(d, wp, qx, qy, r, n):
 
 
 @njit(cache=True, inline="always")
+def _certified_r2(d, wp, rmax2, n):
+    """:func:`_certified` from the polygon's largest squared vertex distance ``rmax2`` (as
+    :func:`_rmax2` computes it): ``sqrt`` is correctly rounded and monotone, so ``sqrt(max r²)``
+    is ``max sqrt(r²)`` bit for bit."""
+    if n == 0 or d == np.inf:
+        return True
+    if not d > 0.0:
+        return False
+    return (d * d + wp) / (2.0 * d) >= math.sqrt(rmax2)
+
+
+@njit(cache=True, inline="always")
 def _start_box(box, i, qx, qy, qe):
     """Write the box of seed ``i`` (x0, y0, x1, y1, seed-relative) as the 4-gon to clip (row 0
     of the two-row buffers)."""
@@ -218,6 +230,11 @@ def _wrap_index(j, n):
     return g, (j - g) // n
 
 
+#: cells per parallel task of the cell kernels (one set of clip buffers per task, not per cell;
+#: every cell is clipped on its own, so the constant changes no result)
+_CELL_TASK = 32
+
+
 @njit(parallel=True, cache=True)
 def _cells_ring_kernel(px, py, pw, gx, gy, gw, gid, gstart, nx, ny, hx, hy, lx, ly, periodic,
                        box, cap, vx, vy, ve, nv, ok):
@@ -230,80 +247,81 @@ def _cells_ring_kernel(px, py, pw, gx, gy, gw, gid, gstart, nx, ny, hx, hy, lx, 
     n = px.shape[0]
     hmin = min(hx, hy)
     kmax = int(math.ceil(4.0 * max(lx, ly) / hmin)) + 2
-    for i in prange(n):
-        qx = np.empty((2, cap))
+    for task in prange((n + _CELL_TASK - 1) // _CELL_TASK):
+        qx = np.empty((2, cap))  # one set of buffers per task (each cell starts afresh)
         qy = np.empty((2, cap))
         qe = np.empty((2, cap), dtype=np.int32)
-        _start_box(box, i, qx, qy, qe)
-        r = 0  # the polygon's row in the buffers
-        m = 4
-        cx = min(max(int(math.floor(px[i] / hx)), 0), nx - 1)
-        cy = min(max(int(math.floor(py[i] / hy)), 0), ny - 1)
-        rmax2 = _rmax2(qx, qy, r, m)
-        done = False
-        full = False
-        for k in range(kmax):
-            # unvisited seeds lie outside the square of rings < k around the seed's grid cell
-            dk = min(min(px[i] - (cx - k + 1) * hx, (cx + k) * hx - px[i]),
-                     min(py[i] - (cy - k + 1) * hy, (cy + k) * hy - py[i]))
-            if k >= 1 and _certified(dk, pw[i], qx, qy, r, m):
-                done = True
-                break
-            if not periodic and k > max(max(cx, nx - 1 - cx), max(cy, ny - 1 - cy)):
-                done = True  # every seed visited
-                break
-            for jy in range(cy - k, cy + k + 1):
-                edge_row = jy == cy - k or jy == cy + k
-                step = 1 if (edge_row or k == 0) else 2 * k
-                for jx in range(cx - k, cx + k + 1, step):
-                    if periodic:
-                        wx, sx_ = _wrap_index(jx, nx)
-                        wy, sy_ = _wrap_index(jy, ny)
-                        shx = sx_ * lx
-                        shy = sy_ * ly
-                    else:
-                        if jx < 0 or jx >= nx or jy < 0 or jy >= ny:
-                            continue
-                        wx = jx
-                        wy = jy
-                        shx = 0.0
-                        shy = 0.0
-                    c = wy * nx + wx
-                    for t in range(gstart[c], gstart[c + 1]):
-                        ex = gx[t] + shx - px[i]
-                        ey = gy[t] + shy - py[i]
-                        sep2 = ex * ex + ey * ey
-                        if sep2 == 0.0:
-                            continue  # the seed itself (or an exact duplicate)
-                        rhs = sep2 - gw[t] + pw[i]
-                        if rhs > 0.0 and rhs * rhs >= 4.0 * sep2 * rmax2:
-                            continue  # the radical line misses the polygon's circumdisc
-                        cut = False
-                        for u in range(m):  # ... or misses the polygon: no copy
-                            if 2.0 * ex * qx[r, u] + 2.0 * ey * qy[r, u] - rhs > 0.0:
-                                cut = True
+        for i in range(task * _CELL_TASK, min(n, (task + 1) * _CELL_TASK)):
+            _start_box(box, i, qx, qy, qe)
+            r = 0  # the polygon's row in the buffers
+            m = 4
+            cx = min(max(int(math.floor(px[i] / hx)), 0), nx - 1)
+            cy = min(max(int(math.floor(py[i] / hy)), 0), ny - 1)
+            rmax2 = _rmax2(qx, qy, r, m)
+            done = False
+            full = False
+            for k in range(kmax):
+                # unvisited seeds lie outside the square of rings < k around the seed's grid cell
+                dk = min(min(px[i] - (cx - k + 1) * hx, (cx + k) * hx - px[i]),
+                         min(py[i] - (cy - k + 1) * hy, (cy + k) * hy - py[i]))
+                if k >= 1 and _certified_r2(dk, pw[i], rmax2, m):
+                    done = True
+                    break
+                if not periodic and k > max(max(cx, nx - 1 - cx), max(cy, ny - 1 - cy)):
+                    done = True  # every seed visited
+                    break
+                for jy in range(cy - k, cy + k + 1):
+                    edge_row = jy == cy - k or jy == cy + k
+                    step = 1 if (edge_row or k == 0) else 2 * k
+                    for jx in range(cx - k, cx + k + 1, step):
+                        if periodic:
+                            wx, sx_ = _wrap_index(jx, nx)
+                            wy, sy_ = _wrap_index(jy, ny)
+                            shx = sx_ * lx
+                            shy = sy_ * ly
+                        else:
+                            if jx < 0 or jx >= nx or jy < 0 or jy >= ny:
+                                continue
+                            wx = jx
+                            wy = jy
+                            shx = 0.0
+                            shy = 0.0
+                        c = wy * nx + wx
+                        for t in range(gstart[c], gstart[c + 1]):
+                            ex = gx[t] + shx - px[i]
+                            ey = gy[t] + shy - py[i]
+                            sep2 = ex * ex + ey * ey
+                            if sep2 == 0.0:
+                                continue  # the seed itself (or an exact duplicate)
+                            rhs = sep2 - gw[t] + pw[i]
+                            if rhs > 0.0 and rhs * rhs >= 4.0 * sep2 * rmax2:
+                                continue  # the radical line misses the polygon's circumdisc
+                            cut = False
+                            for u in range(m):  # ... or misses the polygon: no copy
+                                if 2.0 * ex * qx[r, u] + 2.0 * ey * qy[r, u] - rhs > 0.0:
+                                    cut = True
+                                    break
+                            if not cut:
+                                continue
+                            if m + 1 >= cap:
+                                full = True
                                 break
-                        if not cut:
-                            continue
-                        if m + 1 >= cap:
-                            full = True
+                            m = _clip(qx, qy, qe, r, m, 2.0 * ex, 2.0 * ey, rhs, gid[t])
+                            r = 1 - r
+                            rmax2 = _rmax2(qx, qy, r, m)
+                        if full:
                             break
-                        m = _clip(qx, qy, qe, r, m, 2.0 * ex, 2.0 * ey, rhs, gid[t])
-                        r = 1 - r
-                        rmax2 = _rmax2(qx, qy, r, m)
                     if full:
                         break
                 if full:
                     break
-            if full:
-                break
-        ok[i] = done and not full
-        nv[i] = m
-        if ok[i]:
-            for v in range(m):
-                vx[i, v] = qx[r, v] + px[i]
-                vy[i, v] = qy[r, v] + py[i]
-                ve[i, v] = qe[r, v]
+            ok[i] = done and not full
+            nv[i] = m
+            if ok[i]:
+                for v in range(m):
+                    vx[i, v] = qx[r, v] + px[i]
+                    vy[i, v] = qy[r, v] + py[i]
+                    ve[i, v] = qe[r, v]
 
 
 @dataclass(frozen=True, eq=False)
@@ -542,41 +560,42 @@ def cell_polygons_of(seeds: np.ndarray, weights: np.ndarray | None,
 def _subcells_kernel(sub_xy, sub_parent, gstart, cvx, cvy, cstart, cap, vx, vy, ve, nv):
     """Polygon ``C_i ∩ P_g`` of every sub-seed ``i`` (edge label: the other sub-seed, or −1)."""
     m = sub_xy.shape[0]
-    for i in prange(m):
-        g = sub_parent[i]
-        a0 = cstart[g]
-        n = cstart[g + 1] - a0
-        qx = np.empty((2, cap))
+    for task in prange((m + _CELL_TASK - 1) // _CELL_TASK):
+        qx = np.empty((2, cap))  # one set of buffers per task (each polygon starts afresh)
         qy = np.empty((2, cap))
         qe = np.empty((2, cap), dtype=np.int32)
-        r = 0  # the polygon's row in the buffers
-        sx = sub_xy[i, 0]
-        sy = sub_xy[i, 1]
-        for v in range(n):
-            qx[0, v] = cvx[a0 + v] - sx
-            qy[0, v] = cvy[a0 + v] - sy
-            qe[0, v] = -1
-        rmax2 = _rmax2(qx, qy, r, n)
-        for q in range(gstart[g], gstart[g + 1]):
-            if q == i or n == 0:
-                continue
-            ex = sub_xy[q, 0] - sx
-            ey = sub_xy[q, 1] - sy
-            sep2 = ex * ex + ey * ey
-            if sep2 == 0.0:
-                continue
-            # a bisector beyond the polygon's circumdisc (with a margin far above rounding)
-            # leaves every vertex inside: _clip would copy the polygon unchanged
-            if sep2 * sep2 >= 4.0 * sep2 * rmax2 * (1.0 + 1e-9):
-                continue
-            n = _clip(qx, qy, qe, r, n, 2.0 * ex, 2.0 * ey, sep2, q)
-            r = 1 - r
+        for i in range(task * _CELL_TASK, min(m, (task + 1) * _CELL_TASK)):
+            g = sub_parent[i]
+            a0 = cstart[g]
+            n = cstart[g + 1] - a0
+            r = 0  # the polygon's row in the buffers
+            sx = sub_xy[i, 0]
+            sy = sub_xy[i, 1]
+            for v in range(n):
+                qx[0, v] = cvx[a0 + v] - sx
+                qy[0, v] = cvy[a0 + v] - sy
+                qe[0, v] = -1
             rmax2 = _rmax2(qx, qy, r, n)
-        nv[i] = n
-        for v in range(n):
-            vx[i, v] = qx[r, v] + sx
-            vy[i, v] = qy[r, v] + sy
-            ve[i, v] = qe[r, v]
+            for q in range(gstart[g], gstart[g + 1]):
+                if q == i or n == 0:
+                    continue
+                ex = sub_xy[q, 0] - sx
+                ey = sub_xy[q, 1] - sy
+                sep2 = ex * ex + ey * ey
+                if sep2 == 0.0:
+                    continue
+                # a bisector beyond the polygon's circumdisc (with a margin far above rounding)
+                # leaves every vertex inside: _clip would copy the polygon unchanged
+                if sep2 * sep2 >= 4.0 * sep2 * rmax2 * (1.0 + 1e-9):
+                    continue
+                n = _clip(qx, qy, qe, r, n, 2.0 * ex, 2.0 * ey, sep2, q)
+                r = 1 - r
+                rmax2 = _rmax2(qx, qy, r, n)
+            nv[i] = n
+            for v in range(n):
+                vx[i, v] = qx[r, v] + sx
+                vy[i, v] = qy[r, v] + sy
+                ve[i, v] = qe[r, v]
 
 
 @njit(cache=True)
@@ -634,7 +653,8 @@ def _sub_label_kernel(xs, ys, gid, ox, oy, lx, ly, periodic, gstart, sx, sy, who
 
     Consecutive pixels mostly share a sub-grain: the previous pixel's sub-seed is kept when it
     is strictly nearer than every sub-seed across its polygon's bisector edges (which then proves
-    it the nearest of the grain); otherwise all sub-seeds of the grain are compared."""
+    it the nearest of the grain; its edge distances are taken in the same loop, in edge order);
+    otherwise all sub-seeds of the grain are compared."""
     n = xs.shape[0]
     for c in prange((n + _CHUNK - 1) // _CHUNK):
         prev_g = -1
@@ -656,7 +676,8 @@ def _sub_label_kernel(xs, ys, gid, ox, oy, lx, ly, periodic, gstart, sx, sy, who
                 prev_g = -1
                 continue
             bi = -1
-            if g == prev_g:
+            d2 = np.inf
+            if g == prev_g:  # the keep test and the kept sub-seed's edge distances in one loop
                 dx = x - sx[prev_b]
                 dy = y - sy[prev_b]
                 best = dx * dx + dy * dy
@@ -665,9 +686,10 @@ def _sub_label_kernel(xs, ys, gid, ox, oy, lx, ly, periodic, gstart, sx, sy, who
                     q = seg_nb[s]
                     dx = x - sx[q]
                     dy = y - sy[q]
-                    if not best < dx * dx + dy * dy:
-                        keep = False
-                        break
+                    keep = keep and best < dx * dx + dy * dy
+                    v = _seg_dist2(x, y, seg[s, 0], seg[s, 1], seg[s, 2], seg[s, 3])
+                    if v < d2:
+                        d2 = v
                 if keep:
                     bi = prev_b
             if bi < 0:
@@ -676,15 +698,15 @@ def _sub_label_kernel(xs, ys, gid, ox, oy, lx, ly, periodic, gstart, sx, sy, who
                 for q in range(a, b):
                     dx = x - sx[q]
                     dy = y - sy[q]
-                    d2 = dx * dx + dy * dy
-                    if d2 < best:
-                        best = d2
+                    dd = dx * dx + dy * dy
+                    if dd < best:
+                        best = dd
                         bi = q
-            d2 = np.inf
-            for s in range(sstart[bi], sstart[bi + 1]):
-                v = _seg_dist2(x, y, seg[s, 0], seg[s, 1], seg[s, 2], seg[s, 3])
-                if v < d2:
-                    d2 = v
+                d2 = np.inf
+                for s in range(sstart[bi], sstart[bi + 1]):
+                    v = _seg_dist2(x, y, seg[s, 0], seg[s, 1], seg[s, 2], seg[s, 3])
+                    if v < d2:
+                        d2 = v
             out_id[i] = bi
             out_d[i] = min(math.sqrt(d2), cap)
             prev_g = g

@@ -98,54 +98,65 @@ def _sincos(arg):
 
 #: pixels per block of the map kernel (fixed: the result does not depend on the thread count)
 _MAP_BLOCK = 256
+#: blocks per parallel task of the map kernel (one set of block buffers per task, not per
+#: block; every pixel's arithmetic is its own, so neither constant changes a result)
+_MAP_TASK = 16
 
 
 @njit(parallel=True, cache=True, fastmath=True)
 def _map_kernel(xs, ys, m, cx, cy, kv, av, ph, qx, qy, jac):
-    """Map and Jacobian of every point; blocks of pixels in ``prange``, the mode loop outside the
-    pixel loop (vectorised), each pixel's sums over the modes in mode order."""
+    """Map and Jacobian of every point; tasks of blocks of pixels in ``prange``, the mode loop
+    outside the pixel loop (vectorised), each pixel's sums over the modes in mode order."""
     n = xs.shape[0]
     nm = kv.shape[0]
     nb = (n + _MAP_BLOCK - 1) // _MAP_BLOCK
-    for b in prange(nb):
-        lo = b * _MAP_BLOCK
-        hi = min(n, lo + _MAP_BLOCK)
-        cnt = hi - lo
-        vx = np.empty(cnt)
-        vy = np.empty(cnt)
-        ux = np.zeros(cnt)
-        uy = np.zeros(cnt)
-        d00 = np.ones(cnt)
-        d01 = np.zeros(cnt)
-        d10 = np.zeros(cnt)
-        d11 = np.ones(cnt)
-        for t in range(cnt):
-            px = xs[lo + t] - cx
-            py = ys[lo + t] - cy
-            vx[t] = cx + m[0, 0] * px + m[0, 1] * py
-            vy[t] = cy + m[1, 0] * px + m[1, 1] * py
-        for j in range(nm):
-            k0 = kv[j, 0]
-            k1 = kv[j, 1]
-            a0 = av[j, 0]
-            a1 = av[j, 1]
-            p = ph[j]
+    ntask = (nb + _MAP_TASK - 1) // _MAP_TASK
+    for task in prange(ntask):
+        vx = np.empty(_MAP_BLOCK)
+        vy = np.empty(_MAP_BLOCK)
+        ux = np.empty(_MAP_BLOCK)
+        uy = np.empty(_MAP_BLOCK)
+        d00 = np.empty(_MAP_BLOCK)
+        d01 = np.empty(_MAP_BLOCK)
+        d10 = np.empty(_MAP_BLOCK)
+        d11 = np.empty(_MAP_BLOCK)
+        for b in range(task * _MAP_TASK, min(nb, (task + 1) * _MAP_TASK)):
+            lo = b * _MAP_BLOCK
+            hi = min(n, lo + _MAP_BLOCK)
+            cnt = hi - lo
             for t in range(cnt):
-                s, c = _sincos(k0 * vx[t] + k1 * vy[t] + p)
-                ux[t] += a0 * c
-                uy[t] += a1 * c
-                d00[t] -= a0 * k0 * s
-                d01[t] -= a0 * k1 * s
-                d10[t] -= a1 * k0 * s
-                d11[t] -= a1 * k1 * s
-        for t in range(cnt):
-            i = lo + t
-            qx[i] = vx[t] + ux[t]
-            qy[i] = vy[t] + uy[t]
-            jac[i, 0] = d00[t] * m[0, 0] + d01[t] * m[1, 0]
-            jac[i, 1] = d00[t] * m[0, 1] + d01[t] * m[1, 1]
-            jac[i, 2] = d10[t] * m[0, 0] + d11[t] * m[1, 0]
-            jac[i, 3] = d10[t] * m[0, 1] + d11[t] * m[1, 1]
+                px = xs[lo + t] - cx
+                py = ys[lo + t] - cy
+                vx[t] = cx + m[0, 0] * px + m[0, 1] * py
+                vy[t] = cy + m[1, 0] * px + m[1, 1] * py
+                ux[t] = 0.0
+                uy[t] = 0.0
+                d00[t] = 1.0
+                d01[t] = 0.0
+                d10[t] = 0.0
+                d11[t] = 1.0
+            for j in range(nm):
+                k0 = kv[j, 0]
+                k1 = kv[j, 1]
+                a0 = av[j, 0]
+                a1 = av[j, 1]
+                p = ph[j]
+                for t in range(cnt):
+                    s, c = _sincos(k0 * vx[t] + k1 * vy[t] + p)
+                    ux[t] += a0 * c
+                    uy[t] += a1 * c
+                    d00[t] -= a0 * k0 * s
+                    d01[t] -= a0 * k1 * s
+                    d10[t] -= a1 * k0 * s
+                    d11[t] -= a1 * k1 * s
+            for t in range(cnt):
+                i = lo + t
+                qx[i] = vx[t] + ux[t]
+                qy[i] = vy[t] + uy[t]
+                jac[i, 0] = d00[t] * m[0, 0] + d01[t] * m[1, 0]
+                jac[i, 1] = d00[t] * m[0, 1] + d01[t] * m[1, 1]
+                jac[i, 2] = d10[t] * m[0, 0] + d11[t] * m[1, 0]
+                jac[i, 3] = d10[t] * m[0, 1] + d11[t] * m[1, 1]
 
 
 @dataclass(frozen=True, eq=False)

@@ -9,21 +9,26 @@
   bound itself against brute-force minima of the radical-line distance;
 * ``warp.label_warped_grains`` (neighbour walk: grains, normals and image-space distance in one
   pass) against ``Tessellation.label`` + ``warp.image_space_distance``, and
-  ``warp.walk_grain_ids`` against ``Tessellation.label``'s ids, for any thread count.
+  ``warp.walk_grain_ids`` against ``Tessellation.label``'s ids, for any thread count;
+* clip / block buffers allocated once per parallel task (the coordinate map against a copy of
+  the kernel with buffers per block; cell and sub-grain polygons against hashes of the kernels
+  with buffers per cell, taken before the change), for any thread count.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import numpy as np
 import pytest
+from numba import njit, prange
 
 from generators.sem import groove_signal, shaded_signal
 from generators.substructure import OrientationGradients, Subgrains, subgrain_factor
 from generators.twins import AnnealingTwins, twin_groove_factor
 from generators.voronoi import Tessellation, _may_matter, lognormal_weights, poisson_seeds
-from generators.warp import Warp, image_space_distance_const
+from generators.warp import Warp, _sincos, image_space_distance_const
 
 
 @pytest.fixture
@@ -290,3 +295,180 @@ def test_warped_label_normal_shortcut_bitwise_equals_search(thread_runs, case):
         object.__setattr__(nb, "_gap", np.full((tess.n_seeds, 2), -np.inf))
         blind = label_warped_grains(tess, nb, ex_x, ex_y, ex_j, cap_q, cap)
         assert np.any(blind[1] != ref[1])
+
+
+# --------------------------------------------------------------------------------------------
+# buffers per parallel task (not per block / cell): the coordinate map, the cell polygons and
+# the sub-grain polygons give the bits of the kernels that allocated per block / cell
+# --------------------------------------------------------------------------------------------
+@njit(parallel=True, fastmath=True)
+def _map_reference(xs, ys, m, cx, cy, kv, av, ph, qx, qy, jac):
+    """The coordinate-map kernel as it was: buffers allocated per block of 256 pixels."""
+    n = xs.shape[0]
+    nm = kv.shape[0]
+    nb = (n + 255) // 256
+    for b in prange(nb):
+        lo = b * 256
+        hi = min(n, lo + 256)
+        cnt = hi - lo
+        vx = np.empty(cnt)
+        vy = np.empty(cnt)
+        ux = np.zeros(cnt)
+        uy = np.zeros(cnt)
+        d00 = np.ones(cnt)
+        d01 = np.zeros(cnt)
+        d10 = np.zeros(cnt)
+        d11 = np.ones(cnt)
+        for t in range(cnt):
+            px = xs[lo + t] - cx
+            py = ys[lo + t] - cy
+            vx[t] = cx + m[0, 0] * px + m[0, 1] * py
+            vy[t] = cy + m[1, 0] * px + m[1, 1] * py
+        for j in range(nm):
+            k0 = kv[j, 0]
+            k1 = kv[j, 1]
+            a0 = av[j, 0]
+            a1 = av[j, 1]
+            p = ph[j]
+            for t in range(cnt):
+                s, c = _sincos(k0 * vx[t] + k1 * vy[t] + p)
+                ux[t] += a0 * c
+                uy[t] += a1 * c
+                d00[t] -= a0 * k0 * s
+                d01[t] -= a0 * k1 * s
+                d10[t] -= a1 * k0 * s
+                d11[t] -= a1 * k1 * s
+        for t in range(cnt):
+            i = lo + t
+            qx[i] = vx[t] + ux[t]
+            qy[i] = vy[t] + uy[t]
+            jac[i, 0] = d00[t] * m[0, 0] + d01[t] * m[1, 0]
+            jac[i, 1] = d00[t] * m[0, 1] + d01[t] * m[1, 1]
+            jac[i, 2] = d10[t] * m[0, 0] + d11[t] * m[1, 0]
+            jac[i, 3] = d10[t] * m[0, 1] + d11[t] * m[1, 1]
+
+
+@pytest.mark.parametrize("shape", [(256, 256), (37, 61), (1, 5000), (3, 1)])
+@pytest.mark.parametrize("amp", [0.0, 3.0])
+def test_coordinate_map_task_buffers_bitwise_equal_block_buffers(rng, thread_runs, shape, amp):
+    ext = (float(shape[1]) * 1.2 + 10.0, float(shape[0]) * 1.1 + 10.0)
+    cm = Warp(amplitude_px=(amp, amp), correlation_px=(10, 40), elongation=(0.6, 1.8),
+              angle_deg=(-90, 90)).sample_specimen(rng, ext)
+    y, x = np.mgrid[0:shape[0], 0:shape[1]].astype(np.float64)
+    x = x + rng.normal(0, 0.4, shape)
+    y = y + rng.normal(0, 0.4, shape)
+    xs, ys = x.ravel().copy(), y.ravel().copy()
+    ref = (np.empty_like(xs), np.empty_like(xs), np.empty((xs.size, 4)))
+    _map_reference(xs, ys, np.ascontiguousarray(cm.matrix), float(cm.centre[0]),
+                   float(cm.centre[1]), np.ascontiguousarray(cm.wavevectors).reshape(-1, 2),
+                   np.ascontiguousarray(cm.amplitudes).reshape(-1, 2),
+                   np.ascontiguousarray(cm.phases).ravel(), *ref)
+    for qx, qy, jac in thread_runs(lambda: cm.apply(x, y)):
+        assert qx.tobytes() == ref[0].tobytes()
+        assert qy.tobytes() == ref[1].tobytes()
+        assert jac.reshape(-1, 4).tobytes() == ref[2].tobytes()
+
+
+def _hash(arrays) -> str:
+    h = hashlib.sha256()
+    for a in arrays:
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()[:16]
+
+
+def test_cell_polygons_task_buffers_keep_the_bits(thread_runs):
+    """Polygons of random (Laguerre, periodic or not) tessellations: the hash of the kernels
+    that allocated their clip buffers per cell (measured before the change)."""
+    from generators.substructure import cell_polygons_of
+
+    cases = []
+    for s in range(30):
+        r = np.random.default_rng(s)
+        n = int(r.integers(2, 700))
+        ext = (float(r.uniform(100, 400)), float(r.uniform(100, 400)))
+        seeds = r.uniform(0, 1, (n, 2)) * ext
+        w = None if s % 3 == 0 else -r.uniform(0, 200, n)
+        cases.append((seeds, w, ext, bool(s % 4)))
+
+    def run():
+        out = []
+        for c in cases:
+            cp = cell_polygons_of(*c)
+            out += [cp.vertices, cp.edge_neighbour, cp.start]
+        return _hash(out)
+
+    assert thread_runs(run) == ["2f9c6f27b0a8907b"] * len(thread_runs(lambda: 0))
+
+
+def test_subgrain_polygons_task_buffers_keep_the_bits(thread_runs):
+    """Sub-grain polygons of random grains and sub-seeds: the hash of the kernel that allocated
+    its clip buffers per sub-seed (measured before the change)."""
+    from generators.substructure import build_subgrains
+
+    def run():
+        out = []
+        for s in range(12):
+            r = np.random.default_rng(100 + s)
+            ext = (float(r.uniform(80, 200)), float(r.uniform(80, 200)))
+            n = int(r.integers(3, 60))
+            tess = Tessellation(poisson_seeds(r, n, ext), ext,
+                                weights=lognormal_weights(r, n, 15.0, 0.5), periodic=bool(s % 2))
+            sub = r.uniform(0, 1, (int(r.integers(1, 200)), 2)) * ext
+            st = build_subgrains(tess, sub)
+            out += [st.seeds, st.parent, st.segments, st.segment_start, st.segment_neighbour,
+                    st.grain_start]
+        return _hash(out)
+
+    assert thread_runs(run) == ["dd75e568df9f1a0a"] * len(thread_runs(lambda: 0))
+
+
+@pytest.mark.parametrize("periodic", [True, False])
+def test_subgrain_label_fused_keep_loop_bitwise_equals_numpy(rng, thread_runs, periodic):
+    """Sub-grain ids and edge distances (the keep test and the kept sub-seed's edge distances
+    in one loop) against a NumPy evaluation: the nearest sub-seed of the pixel's grain (first
+    of equals) and the same segment-distance expressions over its edges, for rows of pixels
+    (the kept path) and scattered points (the search)."""
+    from generators.substructure import build_subgrains
+
+    tess = _specimen(rng, n=40, ext=(150.0, 110.0), sigma=0.5, periodic=periodic)
+    lx, ly = tess.extent
+    st = build_subgrains(tess, rng.uniform(0, 1, (160, 2)) * tess.extent)
+    gy, gx = np.mgrid[0:110:0.37, 0:150:0.41]
+    x = np.concatenate([gx.ravel(), rng.uniform(0, lx, 4000)])
+    y = np.concatenate([gy.ravel(), rng.uniform(0, ly, 4000)])
+    gid, _ = tess.label(x, y)
+    cap = 7.5
+    runs = thread_runs(lambda: st.label(x, y, gid, max_distance=cap))
+    o = st.polygons.origins[gid]
+    if periodic:
+        dx, dy = x - o[:, 0], y - o[:, 1]
+        xf = o[:, 0] + dx - lx * np.floor(dx / lx + 0.5)
+        yf = o[:, 1] + dy - ly * np.floor(dy / ly + 0.5)
+    else:
+        xf, yf = x, y
+    ref_id = np.empty(x.size, np.int64)
+    ref_d = np.empty(x.size, np.float32)
+    gs = st.grain_start
+    for i in range(x.size):
+        a, b = gs[gid[i]], gs[gid[i] + 1]
+        if a == b:
+            ref_id[i] = st.n_seeded + gid[i]
+            ref_d[i] = cap
+            continue
+        d2 = (xf[i] - st.seeds[a:b, 0]) ** 2 + (yf[i] - st.seeds[a:b, 1]) ** 2
+        k = a + int(np.argmin(d2))
+        seg = st.segments[st.segment_start[k]:st.segment_start[k + 1]]
+        ex, ey = seg[:, 2] - seg[:, 0], seg[:, 3] - seg[:, 1]
+        l2 = ex * ex + ey * ey
+        with np.errstate(invalid="ignore", divide="ignore"):
+            t = np.where(l2 > 0, np.minimum(np.maximum(
+                ((xf[i] - seg[:, 0]) * ex + (yf[i] - seg[:, 1]) * ey) / l2, 0.0), 1.0), 0.0)
+        ddx = xf[i] - (seg[:, 0] + t * ex)
+        ddy = yf[i] - (seg[:, 1] + t * ey)
+        v = ddx * ddx + ddy * ddy
+        ref_id[i] = k
+        ref_d[i] = min(np.sqrt(v.min()) if v.size else np.inf, cap)
+    for sid, sd in runs:
+        assert np.array_equal(sid, ref_id)
+        assert sd.tobytes() == ref_d.tobytes()
+    assert (ref_d < cap).mean() > 0.2
