@@ -103,7 +103,6 @@ __all__ = [
     "ShardedDataset",
     "THREAD_ENV_VARS",
     "default_shard_size",
-    "file_sha256",
     "generate_sharded",
     "open_sharded",
     "tune_allocator",
@@ -303,17 +302,6 @@ def shard_name(k: int) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def file_sha256(f: h5py.File) -> str:
-    """SHA-256 of the data of an open dataset file, as stored (the shard checksum).
-
-    :func:`twin.dataset.data_sha256` (scheme :data:`twin.dataset.CHECKSUM_SCHEME`): per array
-    (``/images``, every ``/labels/<name>``), the digest of its stored (compressed) chunks in
-    sample order; then ``/meta`` and any ``/geometry``. A shard's writer computes it while
-    writing the chunks (no read-back); :func:`verify_shard` recomputes it from the file.
-    """
-    return data_sha256(f)
-
-
 def verify_shard(path: str | os.PathLike, spec: RunSpec, k: int, *, full: bool = True) -> str | None:
     """Check a shard file; return ``None`` if it is good, else why it is not (one line).
 
@@ -339,7 +327,7 @@ def verify_shard(path: str | os.PathLike, spec: RunSpec, k: int, *, full: bool =
             if a.get("shard_checksum") != CHECKSUM_SCHEME:
                 return (f"its checksum is of another scheme ({a.get('shard_checksum')!r}, "
                         f"expected {CHECKSUM_SCHEME!r}: written by another emtwin version)")
-            if full and file_sha256(f) != a.get("shard_sha256"):
+            if full and data_sha256(f) != a.get("shard_sha256"):
                 return "checksum mismatch (its data are corrupt)"
     except (OSError, KeyError, ValueError, TypeError, RuntimeError) as exc:
         return f"unreadable ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
