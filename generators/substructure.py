@@ -630,17 +630,24 @@ def _bisector_segments(vx, vy, ve, nv):
 
 
 @njit(cache=True, inline="always")
-def _seg_dist2(x, y, x0, y0, x1, y1):
-    """Squared distance from (x, y) to the segment (x0, y0)–(x1, y1)."""
-    ex = x1 - x0
-    ey = y1 - y0
-    l2 = ex * ex + ey * ey
-    t = 0.0
-    if l2 > 0.0:
-        t = min(max(((x - x0) * ex + (y - y0) * ey) / l2, 0.0), 1.0)
+def _seg_dist2(x, y, x0, y0, ex, ey, inv_l2):
+    """Squared distance from (x, y) to the segment from (x0, y0) along (ex, ey) (``inv_l2``:
+    ``1 / |e|²``, 0 for a point segment)."""
+    t = min(max(((x - x0) * ex + (y - y0) * ey) * inv_l2, 0.0), 1.0)
     dx = x - (x0 + t * ex)
     dy = y - (y0 + t * ey)
     return dx * dx + dy * dy
+
+
+def _segment_rows(seg: np.ndarray) -> np.ndarray:
+    """Segments (S, 4) ``x0, y0, x1, y1`` as rows ``x0, y0, ex, ey, 1/|e|²`` (S, 5) for
+    :func:`_seg_dist2` (``1/|e|²`` = 0 for a point segment)."""
+    out = np.empty((seg.shape[0], 5))
+    out[:, :2] = seg[:, :2]
+    out[:, 2:4] = seg[:, 2:4] - seg[:, :2]
+    l2 = out[:, 2] ** 2 + out[:, 3] ** 2
+    out[:, 4] = np.divide(1.0, l2, out=np.zeros_like(l2), where=l2 > 0)
+    return out
 
 
 _CHUNK = 128  # pixels labelled in sequence (row coherence); fixed, so any thread count agrees
@@ -687,7 +694,7 @@ def _sub_label_kernel(xs, ys, gid, ox, oy, lx, ly, periodic, gstart, sx, sy, who
                     dx = x - sx[q]
                     dy = y - sy[q]
                     keep = keep and best < dx * dx + dy * dy
-                    v = _seg_dist2(x, y, seg[s, 0], seg[s, 1], seg[s, 2], seg[s, 3])
+                    v = _seg_dist2(x, y, seg[s, 0], seg[s, 1], seg[s, 2], seg[s, 3], seg[s, 4])
                     if v < d2:
                         d2 = v
                 if keep:
@@ -704,7 +711,7 @@ def _sub_label_kernel(xs, ys, gid, ox, oy, lx, ly, periodic, gstart, sx, sy, who
                         bi = q
                 d2 = np.inf
                 for s in range(sstart[bi], sstart[bi + 1]):
-                    v = _seg_dist2(x, y, seg[s, 0], seg[s, 1], seg[s, 2], seg[s, 3])
+                    v = _seg_dist2(x, y, seg[s, 0], seg[s, 1], seg[s, 2], seg[s, 3], seg[s, 4])
                     if v < d2:
                         d2 = v
             out_id[i] = bi
@@ -751,6 +758,13 @@ class SubgrainStructure:
     segment_neighbour: np.ndarray
     polygons: CellPolygons
     params: dict = field(default_factory=dict)
+    _rows: np.ndarray | None = field(default=None, repr=False)
+
+    def _segment_rows(self) -> np.ndarray:
+        """:attr:`segments` as the label kernel's rows (:func:`_segment_rows`), built once."""
+        if self._rows is None:
+            object.__setattr__(self, "_rows", _segment_rows(self.segments))
+        return self._rows
 
     @property
     def n_seeded(self) -> int:
@@ -799,7 +813,7 @@ class SubgrainStructure:
         _sub_label_kernel(xs, ys, g, np.ascontiguousarray(o[:, 0]), np.ascontiguousarray(o[:, 1]),
                           lx, ly, self.polygons.periodic, self.grain_start,
                           np.ascontiguousarray(self.seeds[:, 0]),
-                          np.ascontiguousarray(self.seeds[:, 1]), whole, self.segments,
+                          np.ascontiguousarray(self.seeds[:, 1]), whole, self._segment_rows(),
                           self.segment_neighbour, self.segment_start,
                           float(max_distance), out_id, out_d)
         return out_id.reshape(shape), out_d.reshape(shape)

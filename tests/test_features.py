@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 import pytest
-from scipy import ndimage, stats
+from scipy import ndimage, sparse, stats
 from scipy.spatial import cKDTree
 
 from generators.sizes import GrainSizeControl
@@ -535,3 +535,34 @@ def test_fitted_tessellation_tile_size_does_not_change_labels():
     for cap in (4.0, 9.0):
         a, b = fitted.label(xx, yy, max_distance=cap), default.label(xx, yy, max_distance=cap)
         assert a[0].tobytes() == b[0].tobytes() and a[1].tobytes() == b[1].tobytes()
+
+
+def test_newton_step_pcg_meets_its_residual_against_a_direct_solve():
+    """The fit's conjugate-gradient solve of the grounded Hessian: the residual bound it promises
+    (checked with SciPy's sparse product), and the direct solution (SciPy's ``spsolve``) at a
+    tight tolerance."""
+    from scipy.sparse.linalg import spsolve
+
+    from generators.sizes import _areas_of, _grounded, _pcg_kernel
+
+    rng = np.random.default_rng(21)
+    n, ext = 300, (300.0, 260.0)
+    seeds = poisson_seeds(rng, n, ext)
+    w = -rng.uniform(0, 10.0, n)
+    areas, cells = _areas_of(seeds, w, ext, True)
+    assert areas.min() > 0  # no empty cell: the grounded Hessian is positive definite
+    ip, ix, dd = _grounded(cells, seeds, ext, True)
+    h = sparse.csc_matrix((dd, ix, ip), shape=(n - 1, n - 1))
+    b = rng.normal(0, 50.0, n - 1)
+    for rtol in (1e-2, 1e-6):
+        x, it = _pcg_kernel(ip, ix, dd, b, rtol, 10 * n)
+        assert 1 < it < 10 * n
+        assert np.linalg.norm(h @ x - b) <= rtol * np.linalg.norm(b) * (1 + 1e-9)
+    ref = spsolve(h, b)
+    x, _ = _pcg_kernel(ip, ix, dd, b, 1e-12, 10 * n)
+    np.testing.assert_allclose(x, ref, rtol=0, atol=1e-8 * np.abs(ref).max())
+    # an iteration limit returns the iterate reached (not a solution), zero rhs gives zero
+    x1, it1 = _pcg_kernel(ip, ix, dd, b, 1e-12, 3)
+    assert it1 == 3 and np.linalg.norm(h @ x1 - b) > 1e-3 * np.linalg.norm(b)
+    x0, it0 = _pcg_kernel(ip, ix, dd, np.zeros(n - 1), 1e-6, 10)
+    assert it0 == 0 and not x0.any()
