@@ -274,10 +274,11 @@ def _pcg_kernel(indptr, indices, data, b, rtol, max_iter):
 
 
 def _areas_of(seeds: np.ndarray, weights: np.ndarray | None, extent: tuple[float, float],
-              periodic: bool):
+              periodic: bool, hint=None):
     """Areas (n,) px² and the cells, from the arrays of a tessellation (a trial of the fit:
-    its Hessian only where the trial is accepted and the iteration goes on)."""
-    cells = cell_polygons_of(seeds, weights, extent, periodic)
+    its Hessian only where the trial is accepted and the iteration goes on; ``hint``: the
+    current cells, whose neighbours the polygon search clips first)."""
+    cells = cell_polygons_of(seeds, weights, extent, periodic, hint=hint)
     return _areas_kernel(np.ascontiguousarray(cells.vertices), cells.start.astype(np.int64)), cells
 
 
@@ -359,7 +360,7 @@ def fit_laguerre_weights(tess: Tessellation, targets: np.ndarray, *, tolerance: 
         while lam > 1e-4:
             wn = w + lam * dw
             trial_w = wn - wn.max()
-            a2, c2 = _areas_of(seeds, trial_w, ext, per)
+            a2, c2 = _areas_of(seeds, trial_w, ext, per, hint=cells)
             r2 = float(np.sqrt(np.mean(((a2 - t) / t) ** 2)))
             if a2.min() > 0 and r2 < rms:
                 break

@@ -237,20 +237,30 @@ _CELL_TASK = 32
 
 @njit(parallel=True, cache=True)
 def _cells_ring_kernel(px, py, pw, gx, gy, gw, gid, gstart, nx, ny, hx, hy, lx, ly, periodic,
-                       box, cap, vx, vy, ve, nv, ok):
+                       box, cap, hstart, hnb, vx, vy, ve, nv, ok):
     """Power cells of all seeds by a ring search on a bucket grid (``gx, gy, gw, gid``: seeds
     sorted by grid cell, ``gstart``: CSR offsets): clip the box with the seeds (and periodic
     images) of rings 0, 1, ... of grid cells around the seed's cell until the certificate holds
     for ring ``k`` (unvisited seeds lie outside the square of rings ``< k``).  Lines that cannot cut
     the polygon (radical line beyond its farthest vertex) are skipped.  ``ok[i]`` is False when
-    the vertex buffer (``cap``) or the ring limit ran out: such cells are redone elsewhere."""
+    the vertex buffer (``cap``) or the ring limit ran out: such cells are redone elsewhere.
+
+    Hint (``hstart.shape[0] == n + 1``): the box is first clipped with the seeds ``hnb[hstart[i]
+    : hstart[i + 1]]`` (``< 0`` or ``i``: none), e.g. the cell's neighbours in a nearby
+    tessellation, at the images the ring search takes for them; every such line is a true
+    constraint, so the certified polygon is the same cell (vertices from another clip order: other
+    rounding), found with most ring seeds missing the already small polygon.  The ring search
+    skips the hinted lines themselves (the same ``e``, bit for bit)."""
     n = px.shape[0]
+    hinted = hstart.shape[0] == n + 1
     hmin = min(hx, hy)
     kmax = int(math.ceil(4.0 * max(lx, ly) / hmin)) + 2
     for task in prange((n + _CELL_TASK - 1) // _CELL_TASK):
         qx = np.empty((2, cap))  # one set of buffers per task (each cell starts afresh)
         qy = np.empty((2, cap))
         qe = np.empty((2, cap), dtype=np.int32)
+        lex = np.empty(cap)  # the hinted lines' e of the cell
+        ley = np.empty(cap)
         for i in range(task * _CELL_TASK, min(n, (task + 1) * _CELL_TASK)):
             _start_box(box, i, qx, qy, qe)
             r = 0  # the polygon's row in the buffers
@@ -260,6 +270,28 @@ def _cells_ring_kernel(px, py, pw, gx, gy, gw, gid, gstart, nx, ny, hx, hy, lx, 
             rmax2 = _rmax2(qx, qy, r, m)
             done = False
             full = False
+            nh = 0
+            if hinted:
+                for e in range(hstart[i], hstart[i + 1]):
+                    j = hnb[e]
+                    if j < 0 or j == i or nh >= cap or m + 1 >= cap:
+                        continue
+                    shx = 0.0
+                    shy = 0.0
+                    if periodic:  # the image the ring search visits next to the seed
+                        shx = float(nearest_period(px[i] - px[j], lx)) * lx
+                        shy = float(nearest_period(py[i] - py[j], ly)) * ly
+                    ex = px[j] + shx - px[i]
+                    ey = py[j] + shy - py[i]
+                    sep2 = ex * ex + ey * ey
+                    if sep2 == 0.0:
+                        continue
+                    lex[nh] = ex
+                    ley[nh] = ey
+                    nh += 1
+                    m = _clip(qx, qy, qe, r, m, 2.0 * ex, 2.0 * ey, sep2 - pw[j] + pw[i], j)
+                    r = 1 - r
+                rmax2 = _rmax2(qx, qy, r, m)
             for k in range(kmax):
                 # unvisited seeds lie outside the square of rings < k around the seed's grid cell
                 dk = min(min(px[i] - (cx - k + 1) * hx, (cx + k) * hx - px[i]),
@@ -300,6 +332,12 @@ def _cells_ring_kernel(px, py, pw, gx, gy, gw, gid, gstart, nx, ny, hx, hy, lx, 
                             for u in range(m):  # ... or misses the polygon: no copy
                                 if 2.0 * ex * qx[r, u] + 2.0 * ey * qy[r, u] - rhs > 0.0:
                                     cut = True
+                                    break
+                            if not cut:
+                                continue
+                            for u in range(nh):  # a hinted line: applied (a rounding cut)
+                                if lex[u] == ex and ley[u] == ey:
+                                    cut = False
                                     break
                             if not cut:
                                 continue
@@ -381,8 +419,9 @@ class CellPolygons:
 
 
 def _ring_cells(seeds: np.ndarray, w: np.ndarray, extent: tuple[float, float], periodic: bool,
-                cap: int = 48):
-    """Cells certified by :func:`_cells_ring_kernel`: (cells, counts, vx, vy, ve) rows."""
+                cap: int = 48, hint: CellPolygons | None = None):
+    """Cells certified by :func:`_cells_ring_kernel`: (cells, counts, vx, vy, ve) rows
+    (``hint``: polygons of the same seeds whose neighbours are clipped first)."""
     n = seeds.shape[0]
     lx, ly = extent
     h = math.sqrt(lx * ly * 6.0 / n)  # about six seeds per grid cell (measured fastest)
@@ -400,6 +439,12 @@ def _ring_cells(seeds: np.ndarray, w: np.ndarray, extent: tuple[float, float], p
         mrg = max(lx, ly)
         box = np.ascontiguousarray(np.c_[-mrg - seeds[:, 0], -mrg - seeds[:, 1],
                                          lx + mrg - seeds[:, 0], ly + mrg - seeds[:, 1]])
+    if hint is not None and hint.start.shape[0] == n + 1:
+        hstart = hint.start.astype(np.int64)
+        hnb = np.ascontiguousarray(hint.edge_neighbour, dtype=np.int32)
+    else:
+        hstart = np.zeros(1, dtype=np.int64)
+        hnb = np.zeros(0, dtype=np.int32)
     vx = np.empty((n, cap))  # rows written up to nv for the certified cells only
     vy = np.empty((n, cap))
     ve = np.empty((n, cap), dtype=np.int32)
@@ -410,7 +455,7 @@ def _ring_cells(seeds: np.ndarray, w: np.ndarray, extent: tuple[float, float], p
                        np.ascontiguousarray(seeds[order, 0]), np.ascontiguousarray(seeds[order, 1]),
                        np.ascontiguousarray(w[order], dtype=np.float64), order.astype(np.int32),
                        gstart, nx, ny, hx, hy, float(lx), float(ly), bool(periodic), box, cap,
-                       vx, vy, ve, nv, ok)
+                       hstart, hnb, vx, vy, ve, nv, ok)
     if ok.all():  # the usual case: no copies
         return np.arange(n), nv, vx, vy, ve
     return np.flatnonzero(ok), nv[ok], vx[ok], vy[ok], ve[ok]
@@ -470,7 +515,7 @@ def cell_polygons(tess: Tessellation, first_candidates: int = 16, ring_search: b
 
 def cell_polygons_of(seeds: np.ndarray, weights: np.ndarray | None,
                      extent: tuple[float, float], periodic: bool, first_candidates: int = 16,
-                     ring_search: bool = True) -> CellPolygons:
+                     ring_search: bool = True, hint: CellPolygons | None = None) -> CellPolygons:
     """:func:`cell_polygons` from a tessellation's arrays, without building one (the same
     polygons, bit for bit).
 
@@ -482,6 +527,10 @@ def cell_polygons_of(seeds: np.ndarray, weights: np.ndarray | None,
     periodic : bool
     first_candidates, ring_search
         As in :func:`cell_polygons`.
+    hint : CellPolygons, optional
+        Polygons of the same seeds with other weights (e.g. the previous step of a weight fit):
+        the ring search clips each cell with its neighbours there first (the same cells, found
+        faster when the neighbours change little; vertex bits may differ from a search without).
 
     Returns
     -------
@@ -497,7 +546,7 @@ def cell_polygons_of(seeds: np.ndarray, weights: np.ndarray | None,
     rounds = []  # (cells, vertex counts, vx, vy, ve) of the certified rows of each pass
     todo = np.arange(n)
     if ring_search:
-        rounds.append(_ring_cells(seeds, w, (lx, ly), periodic))
+        rounds.append(_ring_cells(seeds, w, (lx, ly), periodic, hint=hint))
         if rounds[-1][0].size == n:  # the usual case: every cell certified
             todo = todo[:0]
         else:

@@ -366,3 +366,41 @@ def test_bad_input_raises(rng):
         subgrain_factor(np.full(2, 5, np.int32), np.zeros(2), np.zeros(3), 1.0, 0.5)
     with pytest.raises(ValueError, match="first_candidates"):
         cell_polygons(tess, first_candidates=0)
+
+
+@pytest.mark.parametrize("periodic", [True, False])
+def test_hinted_polygon_search_finds_the_same_cells(periodic):
+    """A hint (neighbours clipped first) changes the clip order, never the cells: same areas
+    (shoelace, to rounding), same neighbour sets, same vertices up to rounding — for the hint of
+    the same tessellation with other weights (the weight fit's use) and for a wrong hint (random
+    neighbour lists, which only add true constraints)."""
+    from generators.sizes import _areas_kernel
+    from generators.substructure import cell_polygons_of
+
+    for k in range(6):
+        rng = np.random.default_rng(70 + k)
+        n = int(rng.integers(30, 500))
+        ext = (float(rng.uniform(150, 400)), float(rng.uniform(150, 400)))
+        seeds = poisson_seeds(rng, n, ext)
+        w0 = -rng.uniform(0, 0.5 * ext[0] * ext[1] / n, n)
+        w1 = w0 + rng.normal(0, 0.05 * ext[0] * ext[1] / n, n)
+        prev = cell_polygons_of(seeds, w0, ext, periodic)
+        wrong = prev.__class__(vertices=prev.vertices,
+                               edge_neighbour=rng.integers(-1, n, prev.edge_neighbour.shape[0])
+                               .astype(np.int32), start=prev.start, origins=prev.origins,
+                               extent=prev.extent, periodic=prev.periodic)
+        ref = cell_polygons_of(seeds, w1, ext, periodic)
+        a_ref = _areas_kernel(ref.vertices, ref.start)
+        for hint in (prev, wrong):
+            got = cell_polygons_of(seeds, w1, ext, periodic, hint=hint)
+            a = _areas_kernel(got.vertices, got.start)
+            np.testing.assert_allclose(a, a_ref, rtol=1e-9, atol=1e-9)
+            for i in range(n):
+                e_ref = ref.edge_neighbour[ref.start[i]:ref.start[i + 1]]
+                e_got = got.edge_neighbour[got.start[i]:got.start[i + 1]]
+                assert set(e_got.tolist()) == set(e_ref.tolist()), i
+                v_ref = ref.vertices[ref.start[i]:ref.start[i + 1]]
+                v_got = got.vertices[got.start[i]:got.start[i + 1]]
+                if len(v_ref):  # every vertex found again (order and start may differ)
+                    d = np.hypot(*(v_got[:, None, :] - v_ref[None, :, :]).transpose(2, 0, 1))
+                    assert d.min(axis=0).max() < 1e-7 and d.min(axis=1).max() < 1e-7
