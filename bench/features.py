@@ -7,7 +7,8 @@ gradients, phases, particles) and every ``artefacts`` switch (scratches, pits, d
 contamination, charging, data bar).  Left aside: grain growth (a separate specimen kind, as the
 issue says), and the two *alternatives* to a plain setting rather than additions to it —
 hard-core seeds (``specimen.seeds: hardcore``, measured slightly faster than Poisson seeds here)
-and optical colour rendering (``contrast.mode``, RGB output).  The default samples per specimen,
+and optical colour rendering (``contrast.mode``, RGB output; ``--mode optical`` compares the
+features against plain Voronoi grains both rendered that way).  The default samples per specimen,
 4, is the recipe default (``samples: 64``, ``specimens: 16``) used by the shipped recipes.
 
 Two measurements, each in interleaved rounds (plain, features, plain, ...; both pipelines see
@@ -27,7 +28,11 @@ Laguerre fit, sub-grain polygons) are paid once per specimen, every ``--per-spec
 Usage::
 
     python bench/features.py [--size 256] [--n 128] [--per-specimen 4] [--rounds 8]
-                             [--write-n 128] [--write-rounds 2]
+                             [--write-n 128] [--write-rounds 2] [--mode sem|optical]
+
+``--mode optical`` renders both pipelines in optical colour (RGB, the colour camera of
+``generic-optical``, no scan distortion): the same features switched on against plain Voronoi
+colour grains.
 """
 
 from __future__ import annotations
@@ -43,6 +48,12 @@ specimens: {specimens}
 seed: 1
 specimen: {{grains_per_field: [80, 160]}}
 labels: {{names: [grain_id, boundary, twin, twin_boundary, phase]}}
+"""
+
+#: ``--mode optical``: both pipelines render optical colour (RGB) through the colour camera
+OPTICAL = """instrument: generic-optical
+contrast: {mode: optical-colour}
+scan: {drift_px: 0, line_jitter_px: 0}
 """
 
 FEATURES = """
@@ -108,6 +119,8 @@ def main() -> None:
                     help="samples per generate_dataset run (default 128)")
     ap.add_argument("--write-rounds", type=int, default=2,
                     help="interleaved generate_dataset rounds (default 2)")
+    ap.add_argument("--mode", choices=("sem", "optical"), default="sem",
+                    help="rendering of both pipelines: SEM (default) or optical colour (RGB)")
     ap.add_argument("--breakdown", action="store_true",
                     help="also time each feature alone (ratio to plain, same rounds)")
     args = ap.parse_args()
@@ -129,6 +142,8 @@ def main() -> None:
     total = warm + args.n
     specimens = -(-total // args.per_specimen)
     plain_text = PLAIN.format(size=args.size, total=total, specimens=specimens)
+    if args.mode == "optical":
+        plain_text += OPTICAL
     feat_text = plain_text.replace("specimen: {grains_per_field: [80, 160]}",
                                    "specimen:\n  grains_per_field: [80, 160]" + FEATURES)
     pipes = {"plain": plain_text, "all features": feat_text}
@@ -158,7 +173,7 @@ def main() -> None:
             seconds[k] += chunk / v
         per_round.append(rr["all features"] / rr["plain"])
     rate = {k: rounds * chunk / t for k, t in seconds.items()}
-    print(f"size {args.size}x{args.size}, {args.per_specimen} samples per specimen, "
+    print(f"{args.mode} rendering, size {args.size}x{args.size}, {args.per_specimen} samples per specimen, "
           f"{numba.get_num_threads()} Numba thread(s), allocator tuned as in generation: {tuned}")
     wn = max(1, args.write_n)
     wr = max(1, args.write_rounds)
