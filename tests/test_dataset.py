@@ -6,7 +6,6 @@ import json
 import multiprocessing as mp
 import os
 import pickle
-import sys
 from pathlib import Path
 
 import h5py
