@@ -41,6 +41,7 @@ import itertools
 import json
 import math
 import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -204,8 +205,14 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"value of type {type(obj).__name__} is not JSON-serialisable")
 
 
+# what ``json.dumps(obj, sort_keys=True, default=_json_default)`` builds on every call (its
+# ``encode`` keeps no state between calls)
+_JSON_ENCODER = json.JSONEncoder(sort_keys=True, default=_json_default)
+
+
 def _dumps(obj: Any) -> str:
-    return json.dumps(obj, sort_keys=True, default=_json_default)
+    """``json.dumps(obj, sort_keys=True, default=_json_default)``, without a new encoder per call."""
+    return _JSON_ENCODER.encode(obj)
 
 
 def _check_name(path: Path, what: str, name: Any) -> str:
@@ -352,10 +359,14 @@ class _ChunkEncoder:
         return memoryview(self._out)[:n]
 
 
+#: a chunk record's head: filter mask (uint32) and length (uint64), native byte order, no
+#: padding (the bytes of ``np.uint32(mask).tobytes() + np.uint64(n).tobytes()``)
+_CHUNK_HEAD = struct.Struct("=IQ")
+
+
 def _chunk_record(h: Any, mask: int, data: Any) -> None:
     """Feed one stored chunk to a checksum (filter mask, length, bytes)."""
-    h.update(np.uint32(mask).tobytes())
-    h.update(np.uint64(len(data)).tobytes())
+    h.update(_CHUNK_HEAD.pack(mask, len(data)))
     h.update(data)
 
 
