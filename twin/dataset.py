@@ -41,6 +41,7 @@ import itertools
 import json
 import math
 import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -204,8 +205,14 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"value of type {type(obj).__name__} is not JSON-serialisable")
 
 
+# what ``json.dumps(obj, sort_keys=True, default=_json_default)`` builds on every call (its
+# ``encode`` keeps no state between calls)
+_JSON_ENCODER = json.JSONEncoder(sort_keys=True, default=_json_default)
+
+
 def _dumps(obj: Any) -> str:
-    return json.dumps(obj, sort_keys=True, default=_json_default)
+    """``json.dumps(obj, sort_keys=True, default=_json_default)``, without a new encoder per call."""
+    return _JSON_ENCODER.encode(obj)
 
 
 def _check_name(path: Path, what: str, name: Any) -> str:
@@ -320,6 +327,7 @@ class _ChunkEncoder:
         self.raw = pipeline == ()
         self._fn = None
         self._out = np.empty(0, dtype=np.uint8)
+        self._out_ptr = self._out.ctypes.data
         if pipeline and len(pipeline) == 1 and pipeline[0][0] == 32001:
             values = pipeline[0][1]
             if len(values) >= 7 and 0 <= values[6] < len(_BLOSC_NAMES):
@@ -342,19 +350,47 @@ class _ChunkEncoder:
         nbytes = arr.nbytes
         if self._out.shape[0] < nbytes:
             self._out = np.empty(nbytes, dtype=np.uint8)
+            self._out_ptr = self._out.ctypes.data
         # as the filter: the output may not be larger than the input (else it is stored as is)
         n = self._fn(self._clevel, self._shuffle, self._typesize, nbytes, arr.ctypes.data,
-                     self._out.ctypes.data, nbytes, self._cname, 0, 1)
+                     self._out_ptr, nbytes, self._cname, 0, 1)
         if n <= 0:
             return None
         return memoryview(self._out)[:n]
 
 
+#: a chunk record's head: filter mask (uint32) and length (uint64), native byte order, no
+#: padding (the bytes of ``np.uint32(mask).tobytes() + np.uint64(n).tobytes()``)
+_CHUNK_HEAD = struct.Struct("=IQ")
+
+
 def _chunk_record(h: Any, mask: int, data: Any) -> None:
     """Feed one stored chunk to a checksum (filter mask, length, bytes)."""
-    h.update(np.uint32(mask).tobytes())
-    h.update(np.uint64(len(data)).tobytes())
+    h.update(_CHUNK_HEAD.pack(mask, len(data)))
     h.update(data)
+
+
+class _ArraySlot:
+    """What writing one sample's chunk of an image/label dataset needs, looked up once.
+
+    h5py's ``Dataset.name`` and ``Dataset.ndim`` ask HDF5 on every access (~1.5 and ~4 us);
+    the writer reads them here, when the dataset is created, not per chunk.
+
+    Parameters
+    ----------
+    ds : h5py.Dataset
+        A per-sample dataset of the file being written.
+    """
+
+    __slots__ = ("ds", "dsid", "name", "encoder", "tail")
+
+    def __init__(self, ds: h5py.Dataset) -> None:
+        self.ds = ds
+        self.dsid = ds.id
+        self.name: str = ds.name
+        self.encoder = _ChunkEncoder(ds)
+        #: chunk offset after the sample position (a chunk holds one whole sample)
+        self.tail: tuple[int, ...] = (0,) * (ds.ndim - 1)
 
 
 def _one_chunk_per_sample(ds: h5py.Dataset) -> bool:
@@ -645,11 +681,14 @@ class DatasetWriter:
             ds.attrs["description"] = spec.description
             self._label_ds[lname] = ds
         # chunks encoded here and written as stored (HDF5's filters only where that cannot be)
-        arrays = [self._images, *self._label_ds.values()]
-        self._encoders = {ds.name: _ChunkEncoder(ds) for ds in arrays}
+        self._image_slot = _ArraySlot(self._images)
+        self._label_slots = {lname: _ArraySlot(ds) for lname, ds in self._label_ds.items()}
+        self._label_dtypes = {lname: np.dtype(self.labels[lname].dtype) for lname in self.labels}
+        slots = [self._image_slot, *self._label_slots.values()]
+        self._encoders = {slot.name: slot.encoder for slot in slots}
         # running per-array digests: [hash, next sample] (None once a write was out of order)
         self._streams: dict[str, list | None] | None = (
-            {ds.name: [hashlib.sha256(), 0] for ds in arrays} if self.checksum else None)
+            {slot.name: [hashlib.sha256(), 0] for slot in slots} if self.checksum else None)
         meta = f.create_group("meta")
         self._specimen = meta.create_dataset("specimen_id", shape=(n,), dtype=np.int64, track_times=False)
         self._index = meta.create_dataset("index", shape=(n,), dtype=np.int64, track_times=False)
@@ -741,7 +780,7 @@ class DatasetWriter:
                 raise DatasetError(
                     f"{name}: sample {i}: label {lname!r} has shape {arr.shape}, expected {hw}"
                 )
-            if arr.dtype != np.dtype(spec.dtype):
+            if arr.dtype != self._label_dtypes[lname]:
                 raise DatasetError(
                     f"{name}: sample {i}: label {lname!r} has dtype {arr.dtype}, expected {spec.dtype}"
                 )
@@ -774,9 +813,9 @@ class DatasetWriter:
 
         # all checks passed: write
         try:
-            self._store(self._images, i, image)
+            self._store(self._image_slot, i, image)
             for lname, arr in label_arrays.items():
-                self._store(self._label_ds[lname], i, arr)
+                self._store(self._label_slots[lname], i, arr)
             self._meta_pending[i] = (int(specimen_id), int(index), params_json)
             if len(self._meta_pending) >= _META_BATCH:
                 self._flush_meta()
@@ -814,23 +853,23 @@ class DatasetWriter:
             self._params[lo:hi] = np.array([r[2] for r in rows], dtype=object)
             a = b
 
-    def _store(self, ds: h5py.Dataset, i: int, arr: np.ndarray) -> None:
+    def _store(self, slot: _ArraySlot, i: int, arr: np.ndarray) -> None:
         """Write sample ``i`` of an image/label dataset (one chunk), feeding its checksum."""
-        data = self._encoders[ds.name].encode(arr)
+        data = slot.encoder.encode(arr)
         streams = self._streams
         if data is None:  # through HDF5's filters; its checksum is computed from the file
-            ds[i] = arr
+            slot.ds[i] = arr
             if streams is not None:
-                streams[ds.name] = None
+                streams[slot.name] = None
             return
-        ds.id.write_direct_chunk((i,) + (0,) * (ds.ndim - 1), data, filter_mask=0)
+        slot.dsid.write_direct_chunk((i,) + slot.tail, data, filter_mask=0)
         if streams is not None:
-            st = streams[ds.name]
+            st = streams[slot.name]
             if st is not None and st[1] == i:
                 _chunk_record(st[0], 0, data)
                 st[1] += 1
             else:
-                streams[ds.name] = None
+                streams[slot.name] = None
 
     def data_sha256(self) -> str:
         """:func:`data_sha256` of the file as written so far (before :meth:`close`).
