@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit, prange
 
-from generators._periodic import min_image
+from generators._periodic import jt_norm, min_image
 
 __all__ = ["AnnealingTwins", "TwinSet", "TwinParams", "twin_groove_factor", "FWHM_TO_SIGMA"]
 
@@ -87,7 +87,7 @@ def _twin_warped_kernel(xs, ys, gid, twinned, ox, oy, nx, ny, period, width, off
             continue
         nxv = nx[g]
         nyv = ny[g]
-        sc = math.hypot(jac[i, 0] * nxv + jac[i, 2] * nyv, jac[i, 1] * nxv + jac[i, 3] * nyv)
+        sc = jt_norm(jac, i, nxv, nyv)
         dist[i] = np.float32(min(dq / max(sc, 1e-12), cap))
 
 

@@ -47,7 +47,7 @@ import numpy as np
 from numba import njit, prange
 from scipy.spatial import cKDTree
 
-from generators._periodic import min_image
+from generators._periodic import jt_norm, min_image
 from generators.voronoi import _label_one, _wrap
 
 __all__ = ["CoordinateMap", "Warp", "CellNeighbours", "stretch_matrix", "radical_normals",
@@ -569,7 +569,7 @@ def _image_distance_kernel(qx, qy, owner, dist_q, jac, cap_q, cap, seeds, w, nst
             continue
         _, nxv, nyv = _nearest_line_normal(qx[i], qy[i], owner[i], seeds, w, nstart, nbr, pex,
                                            pey, pnx, pny, pc, lim, lx, ly, hx, hy, periodic)
-        s = math.hypot(jac[i, 0] * nxv + jac[i, 2] * nyv, jac[i, 1] * nxv + jac[i, 3] * nyv)
+        s = jt_norm(jac, i, nxv, nyv)
         out[i] = np.float32(min(d / max(s, 1e-12), cap))
 
 
@@ -583,7 +583,7 @@ def _const_normal_distance_kernel(dist_q, owner, normals, jac, cap_q, cap, out):
         o = owner[i]
         nxv = normals[o, 0]
         nyv = normals[o, 1]
-        s = math.hypot(jac[i, 0] * nxv + jac[i, 2] * nyv, jac[i, 1] * nxv + jac[i, 3] * nyv)
+        s = jt_norm(jac, i, nxv, nyv)
         out[i] = np.float32(min(d / max(s, 1e-12), cap))
 
 
@@ -882,7 +882,7 @@ def _warped_label_kernel(xs, ys, jac, seeds, wn, w, nstart, nbr, kimg, sx, sy, s
             else:
                 _, nxv, nyv = _nearest_line_normal(x, y, g, seeds, w, nstart, nbr, pex, pey, pnx,
                                                    pny, pc, lim, lx, ly, hxl, hyl, True)
-            s = math.hypot(jac[i, 0] * nxv + jac[i, 2] * nyv, jac[i, 1] * nxv + jac[i, 3] * nyv)
+            s = jt_norm(jac, i, nxv, nyv)
             out_d[i] = np.float32(min(d / max(s, 1e-12), cap))
 
 
