@@ -173,7 +173,8 @@ def main() -> None:
             seconds[k] += chunk / v
         per_round.append(rr["all features"] / rr["plain"])
     rate = {k: rounds * chunk / t for k, t in seconds.items()}
-    print(f"{args.mode} rendering, size {args.size}x{args.size}, {args.per_specimen} samples per specimen, "
+    print(f"{args.mode} rendering, size {args.size}x{args.size}, "
+          f"{args.per_specimen} samples per specimen, "
           f"{numba.get_num_threads()} Numba thread(s), allocator tuned as in generation: {tuned}")
     wn = max(1, args.write_n)
     wr = max(1, args.write_rounds)

@@ -308,9 +308,11 @@ def fit_laguerre_weights(tess: Tessellation, targets: np.ndarray, *, tolerance: 
     and step halving until no cell empties and the error falls converges (Kitagawa, Mérigot &
     Thibert 2019).  Each step is solved inexactly, by Jacobi-preconditioned conjugate gradients
     on the grounded Hessian to a relative residual :data:`NEWTON_RTOL` (:func:`_pcg_kernel`;
-    the same number of steps as a sparse LU solve on the pipeline's specimens, 1.5× faster fit).  Seeds are not moved.  Trial weights are evaluated from
-    the seed and weight arrays (:func:`_areas_of`: areas only; the Hessian, :func:`_grounded`,
-    for accepted weights that need another step); a tessellation is built for the result only.
+    the same number of steps as a sparse LU solve on the pipeline's specimens, 1.5× faster fit).
+    Seeds are not moved.  Trial weights are evaluated from the seed and weight arrays
+    (:func:`_areas_of`: areas only, each trial's cells clipped with the current cells'
+    neighbours first; the Hessian, :func:`_grounded`, for accepted weights that need another
+    step); a tessellation is built for the result only.
 
     Parameters
     ----------

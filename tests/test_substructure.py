@@ -371,9 +371,9 @@ def test_bad_input_raises(rng):
 @pytest.mark.parametrize("periodic", [True, False])
 def test_hinted_polygon_search_finds_the_same_cells(periodic):
     """A hint (neighbours clipped first) changes the clip order, never the cells: same areas
-    (shoelace, to rounding), same neighbour sets, same vertices up to rounding — for the hint of
-    the same tessellation with other weights (the weight fit's use) and for a wrong hint (random
-    neighbour lists, which only add true constraints)."""
+    (shoelace, to rounding), same neighbour sets, same vertices up to rounding — for the hint
+    of the same tessellation with other weights (the weight fit's use) and for a wrong hint
+    (random neighbour lists, which only add true constraints)."""
     from generators.sizes import _areas_kernel
     from generators.substructure import cell_polygons_of
 
