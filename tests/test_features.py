@@ -89,11 +89,12 @@ def _pixel_areas(tess, step=0.5):
     return np.bincount(g.ravel(), minlength=tess.n_seeds) * step * step
 
 
-@pytest.mark.parametrize("sigma", [0.35, 0.8])
-def test_laguerre_areas_follow_the_requested_lognormal(sigma):
+@pytest.mark.parametrize("sigma, periodic", [(0.35, True), (0.8, True), (0.8, False)])
+def test_laguerre_areas_follow_the_requested_lognormal(sigma, periodic):
+    """Periodic specimens and bounded ones (whose cells are fitted inside the specimen)."""
     rng = np.random.default_rng(11)
     n, ext = 400, (320.0, 320.0)
-    tess = Tessellation(poisson_seeds(rng, n, ext), ext)
+    tess = Tessellation(poisson_seeds(rng, n, ext), ext, periodic=periodic)
     fitted, info = GrainSizeControl(sigma=sigma).apply(rng, tess)
     assert info["max_rel_error"] < 0.01
     areas = _pixel_areas(fitted)  # measured by counting pixels, not from the polygons
@@ -485,20 +486,23 @@ def test_image_space_distance_const_matches_numpy():
     assert np.abs(got - ref).max() < 1e-5
 
 
-def test_laguerre_hessian_matches_finite_differences():
+@pytest.mark.parametrize("periodic", [True, False])
+def test_laguerre_hessian_matches_finite_differences(periodic):
     from generators.sizes import _areas_and_hessian
 
     rng = np.random.default_rng(8)
     n, ext = 120, (200.0, 200.0)
-    tess = Tessellation(poisson_seeds(rng, n, ext), ext, weights=-rng.uniform(0, 150, n))
+    tess = Tessellation(poisson_seeds(rng, n, ext), ext, weights=-rng.uniform(0, 150, n),
+                        periodic=periodic)
     areas, hess, _ = _areas_and_hessian(tess)
+    assert areas.sum() == pytest.approx(ext[0] * ext[1], rel=1e-12)  # cells tile the specimen
     h = hess.toarray()
     assert np.abs(h - h.T).max() < 1e-12 and np.abs(h.sum(axis=1)).max() < 1e-9
     eps = 1e-3
     for k in (0, 17, 63, 119):
         w = tess.weights.copy()
         w[k] += eps
-        a2 = _areas_and_hessian(Tessellation(tess.seeds, ext, weights=w))[0]
+        a2 = _areas_and_hessian(Tessellation(tess.seeds, ext, weights=w, periodic=periodic))[0]
         np.testing.assert_allclose(h[:, k], (a2 - areas) / eps, atol=1e-4 * np.abs(h[:, k]).max())
 
 
