@@ -70,3 +70,21 @@ def test_image_follows_the_detector_model(pipe):
     # mean counts = offset + gain·dose·<signal>, with <signal> within the grain intensity range
     m = (s.image.mean() - det.offset) / (det.gain * dose)
     assert 0.1 < m < 1.0
+
+
+@pytest.mark.parametrize("kind", ["voronoi", "potts", "section3d"])
+def test_a_bounded_specimen_keeps_every_field_inside_it(kind):
+    """``periodic: false``: the field offsets are drawn so that the frame lies inside the
+    specimen (a periodic one wraps); before, frames reached past its edge, where the outer
+    cells stretch into the margin (5-15 grains per frame instead of ~50)."""
+    text = ("name: b\nsize: [64, 96]\nsamples: 12\nspecimens: 3\nseed: 4\n"
+            f"specimen: {{kind: {kind}, periodic: false, grains_per_field: [30, 40]}}\n")
+    p = SEMGrainPipeline(parse_recipe(text), load_instrument("generic-sem")[0])
+    lx, ly = p.specimen.extent
+    counts = []
+    for i in range(12):
+        s = p.generate(i)
+        ox, oy = s.params["scan"]["offset_px"]
+        assert 0 <= ox <= lx - 96 and 0 <= oy <= ly - 64
+        counts.append(len(np.unique(s.labels["grain_id"])))
+    assert min(counts) >= 15  # ~30-40 grains per field, a few cut by the frame edge

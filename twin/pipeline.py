@@ -313,12 +313,15 @@ class SEMGrainPipeline:
             groove_depth=c.boundary.depth,
         )
         scan = instrument.scan
+        field_range = self.specimen.extent
+        if not recipe.specimen.periodic:  # a bounded specimen: the field lies inside it
+            field_range = (max(field_range[0] - w, 0.0), max(field_range[1] - h, 0.0))
         self.scan = ScanModel(
             shape=(h, w),
             drift_px=scan.drift_px if recipe.scan.drift_px is None else recipe.scan.drift_px,
             line_jitter_px=(scan.line_jitter_px if recipe.scan.line_jitter_px is None
                             else recipe.scan.line_jitter_px),
-            field_extent=self.specimen.extent,
+            field_extent=field_range,
             drift_walk_px=scan.drift_walk_px,
             mains_amplitude_px=(scan.mains.amplitude_px if scan.mains is not None else (0.0, 0.0)),
             mains_frequency_hz=(scan.mains.frequency_hz if scan.mains is not None else 50.0),
