@@ -375,7 +375,7 @@ def fit_laguerre_weights(tess: Tessellation, targets: np.ndarray, *, tolerance: 
     Parameters
     ----------
     tess : Tessellation
-        Seeds (kept) and start weights.
+        Seeds (kept) and start weights (equal weights instead where they leave a cell empty).
     targets : ndarray (n_seeds,), px², summing to the specimen area
     tolerance : float
         Largest relative area error ``|A_i − T_i| / T_i`` at which the iteration stops.
@@ -401,6 +401,12 @@ def fit_laguerre_weights(tess: Tessellation, targets: np.ndarray, *, tolerance: 
     seeds, ext, per = tess.seeds, tess.extent, bool(tess.periodic)
     fitted = None  # the accepted weights (shifted to max 0), None while none was accepted
     areas, cells = _areas_of(seeds, tess.weights, ext, per)
+    if tess.weights is not None and n > 1 and not areas.min() > 0:
+        # start weights with empty cells (e.g. lognormal weights): the Hessian is singular
+        # there, so start from the Voronoi cells (equal weights: none empty)
+        w = np.zeros(n)
+        fitted = w
+        areas, cells = _areas_of(seeds, None, ext, per)
     ground = None  # the Hessian of the current weights, built when a Newton step needs it
     err = float(np.abs((areas - t) / t).max())
     it = 0

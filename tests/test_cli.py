@@ -504,3 +504,24 @@ def test_regenerate_with_a_profile_file_uses_the_stored_profile(tmp_path):
         s = regenerate_sample(ds.attrs["recipe"], 2, ds.attrs["root_seed"],
                               instrument_text=ds.attrs["instrument"])
         assert s.image.tobytes() == ds.image(2).tobytes()
+
+
+def test_a_draw_the_generators_cannot_honour_is_one_line_and_leaves_nothing(tmp_path, capsys):
+    """Hard-core seeds packed past jamming fail when a specimen is drawn, not when the recipe is
+    validated: one error line naming the sample and the cause, and no output or shard
+    directory in the way of the corrected recipe (in process and in worker processes)."""
+    jam = ("name: jam\nsize: [64, 64]\nsamples: 4\nspecimens: 1\nseed: 2\n"
+           "specimen: {seeds: hardcore, min_distance: 1.2, grains_per_field: [40, 40]}\n")
+    recipe = write_recipe(tmp_path, jam, "jam.yaml")
+    for workers in ("1", "2"):
+        rc, so, se = run_cli(capsys, "generate", recipe, "-o", tmp_path / "out.h5", "-q",
+                             "-j", workers)
+        assert rc == 2
+        msg = assert_one_error_line(rc, so, se, "sample 0", "min_distance")
+        assert "nothing was written" in msg
+        assert_nothing_written(tmp_path, "out.h5")
+        assert not (tmp_path / "out.h5.shards").exists()
+    fixed = write_recipe(tmp_path, jam.replace("min_distance: 1.2", "min_distance: 0.5"),
+                         "jam.yaml")
+    rc, so, se = run_cli(capsys, "generate", fixed, "-o", tmp_path / "out.h5", "-q", "-j", "1")
+    assert rc == 0, se

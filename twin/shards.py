@@ -401,7 +401,10 @@ def write_shard(spec: RunSpec, k: int, path: str | os.PathLike,
                        image_dtype=spec.image_dtype, labels=spec.labels, attrs=shard_attrs,
                        compression=spec.compression, durable=False, checksum=True) as writer:
         for i in range(start, stop):
-            s = pipe.generate(i)
+            try:
+                s = pipe.generate(i)
+            except ValueError as exc:  # a drawn parameter the generators cannot honour
+                raise GenerationError(f"sample {i}: {exc}") from exc
             writer.write(i - start, s.image, s.labels, specimen_id=s.specimen_id, index=s.index,
                          params=s.params, geometry=getattr(s, "geometry", None) or None)
             if on_sample is not None:
@@ -804,9 +807,16 @@ def generate_sharded(
         if done:
             say(f"resuming {out}: {len(done)} of {spec.n_shards} shards already done and verified, "
                 f"{len(todo)} to generate")
-        _run_shards(spec, out, shard_dir, todo, done, workers=workers, client=client,
-                    scheduler=scheduler, return_shards=return_shards, progress=progress,
-                    on_sample=on_sample)
+        try:
+            _run_shards(spec, out, shard_dir, todo, done, workers=workers, client=client,
+                        scheduler=scheduler, return_shards=return_shards, progress=progress,
+                        on_sample=on_sample)
+        except _NothingKept:
+            # e.g. a recipe whose draws the generators cannot honour: a fixed recipe must not
+            # meet an "unfinished run of another recipe" in the way
+            if not any(p.name.startswith("shard-") for p in shard_dir.iterdir()):
+                _remove_shard_dir(shard_dir, lock)
+            raise
         _join(spec, out, shard_dir)
         if not keep_shards:
             _remove_shard_dir(shard_dir, lock)
@@ -846,7 +856,13 @@ def _verify_existing(spec: RunSpec, shard_dir: Path, say: Callable[[str], None])
     return done
 
 
+class _NothingKept(GenerationError):
+    """A run failed before any shard was finished: nothing to resume (its directory goes)."""
+
+
 def _failure(out: Path, shard_dir: Path, spec: RunSpec, n_done: int, what: str) -> GenerationError:
+    if n_done == 0:
+        return _NothingKept(f"{what}; no shard was finished, nothing was written")
     return GenerationError(
         f"{what}; {n_done} of {spec.n_shards} shards are finished and kept in {shard_dir}; "
         f"rerun the same command to resume"
