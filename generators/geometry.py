@@ -33,13 +33,21 @@ TABLE_COLUMNS = ("grain_id", "area_px2", "perimeter_px", "equivalent_diameter_px
 def grain_polygons(cells: CellPolygons, ids: np.ndarray | None = None) -> list:
     """Shapely polygons of cells ``ids`` (default: all), specimen px.
 
-    Empty Laguerre cells give empty polygons.
+    Empty Laguerre cells give empty polygons.  On a bounded (non-periodic) specimen the cells
+    are clipped to it, ``[0, Lx] × [0, Ly]`` (the polygon search bounds them by a margin box
+    beyond it, where there is no grain).
     """
     ids = np.arange(cells.n_cells) if ids is None else np.asarray(ids, dtype=np.int64)
+    box = None if cells.periodic else shapely.box(0.0, 0.0, *cells.extent)
     out = []
     for i in ids:
         v = cells.polygon(int(i))
-        out.append(shapely.Polygon(v) if len(v) >= 3 else shapely.Polygon())
+        poly = shapely.Polygon(v) if len(v) >= 3 else shapely.Polygon()
+        if box is not None and not poly.is_empty:
+            poly = poly.intersection(box)  # convex ∩ box: convex (or empty)
+            if not isinstance(poly, shapely.Polygon):
+                poly = shapely.Polygon()
+        out.append(poly)
     return out
 
 

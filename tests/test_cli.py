@@ -506,22 +506,78 @@ def test_regenerate_with_a_profile_file_uses_the_stored_profile(tmp_path):
         assert s.image.tobytes() == ds.image(2).tobytes()
 
 
-def test_a_draw_the_generators_cannot_honour_is_one_line_and_leaves_nothing(tmp_path, capsys):
-    """Hard-core seeds packed past jamming fail when a specimen is drawn, not when the recipe is
-    validated: one error line naming the sample and the cause, and no output or shard
-    directory in the way of the corrected recipe (in process and in worker processes)."""
-    jam = ("name: jam\nsize: [64, 64]\nsamples: 4\nspecimens: 1\nseed: 2\n"
-           "specimen: {seeds: hardcore, min_distance: 1.2, grains_per_field: [40, 40]}\n")
-    recipe = write_recipe(tmp_path, jam, "jam.yaml")
-    for workers in ("1", "2"):
+def test_a_draw_the_generators_cannot_honour_is_one_line_and_leaves_nothing(
+        tmp_path, capsys, monkeypatch):
+    """A generator that refuses a drawn parameter (ValueError, e.g. hard-core seeds that jam)
+    while a specimen is drawn: one error line naming the sample and the cause, and no output or
+    shard directory in the way of the corrected recipe."""
+    from twin.pipeline import SEMGrainPipeline
+
+    recipe = write_recipe(tmp_path)
+    real = SEMGrainPipeline.generate
+
+    def refusing(self, i):
+        if i == 0:
+            raise ValueError("could place only 89 of 136 seeds with min_distance=22 px")
+        return real(self, i)
+
+    with monkeypatch.context() as m:
+        m.setattr(SEMGrainPipeline, "generate", refusing)
         rc, so, se = run_cli(capsys, "generate", recipe, "-o", tmp_path / "out.h5", "-q",
-                             "-j", workers)
-        assert rc == 2
-        msg = assert_one_error_line(rc, so, se, "sample 0", "min_distance")
-        assert "nothing was written" in msg
-        assert_nothing_written(tmp_path, "out.h5")
-        assert not (tmp_path / "out.h5.shards").exists()
-    fixed = write_recipe(tmp_path, jam.replace("min_distance: 1.2", "min_distance: 0.5"),
-                         "jam.yaml")
-    rc, so, se = run_cli(capsys, "generate", fixed, "-o", tmp_path / "out.h5", "-q", "-j", "1")
+                             "-j", "1")
+    assert rc == 2
+    msg = assert_one_error_line(rc, so, se, "sample 0", "could place only")
+    assert "nothing was written" in msg
+    assert_nothing_written(tmp_path, "out.h5")
+    assert not (tmp_path / "out.h5.shards").exists()
+    rc, so, se = run_cli(capsys, "generate", recipe, "-o", tmp_path / "out.h5", "-q", "-j", "1")
     assert rc == 0, se
+
+
+def test_schema_limits_keep_seed_packings_and_weights_feasible(tmp_path, capsys):
+    """Hard-core packings past jamming and lognormal weights that empty most cells are refused
+    by validation, naming the key and the limit."""
+    for spec, key, limit in (
+            ("{seeds: hardcore, min_distance: 0.9}", "specimen.min_distance", "0.75"),
+            ("{weights: lognormal, weight_sigma: 1.0}", "specimen.weight_sigma", "0.5"),
+            ("{features: {subgrains: {enabled: true, subgrains_per_grain: 1000}}}",
+             "subgrains_per_grain", "100")):
+        recipe = write_recipe(tmp_path, "name: lim\nsize: [64, 64]\nsamples: 2\nspecimens: 1\n"
+                              f"seed: 1\nspecimen: {spec}\n")
+        rc, so, se = run_cli(capsys, "validate", recipe)
+        assert_one_error_line(rc, so, se, key, limit)
+
+
+def test_nan_and_generator_refusals_are_validation_errors(tmp_path, capsys):
+    """NaN / inf anywhere (a single number for a [low, high] key included) and combinations
+    the schema lets through but a generator refuses (particle placement weights summing to 0,
+    duplicate class names): one line from `twin validate`, no traceback."""
+    head = "name: v\nsize: [64, 64]\nsamples: 2\nspecimens: 1\nseed: 1\n"
+    cases = [
+        ("contrast: {boundary: {depth: .nan}}", "contrast.boundary.depth", "finite"),
+        ("detector: {dose: .inf}", "detector.dose", "finite"),
+        ("specimen: {min_distance: .nan}", "specimen.min_distance", "finite"),
+        ("specimen: {features: {particles: {enabled: true, classes: [{name: p, placement: "
+         "{interior: 0, boundary: 0, junction: 0}}]}}}", "placement", "positive sum"),
+        ("specimen: {features: {particles: {enabled: true, classes: [{name: p}, {name: p}]}}}",
+         "unique", "'p'"),
+    ]
+    for extra, *needles in cases:
+        recipe = write_recipe(tmp_path, head + extra + "\n")
+        rc, so, se = run_cli(capsys, "validate", recipe)
+        assert rc == 2
+        assert_one_error_line(rc, so, se, *needles)
+
+
+def test_out_of_memory_is_one_line(tmp_path, capsys, monkeypatch):
+    from twin.pipeline import SEMGrainPipeline
+
+    def huge(self, i):
+        raise MemoryError("Unable to allocate 303. GiB")
+
+    monkeypatch.setattr(SEMGrainPipeline, "generate", huge)
+    rc, so, se = run_cli(capsys, "generate", write_recipe(tmp_path), "-o", tmp_path / "o.h5",
+                         "-q", "-j", "1")
+    assert rc == 2
+    assert_one_error_line(rc, so, se, "out of memory", "303. GiB")
+    assert_nothing_written(tmp_path, "o.h5")

@@ -273,3 +273,25 @@ def test_particle_membership_on_the_rims_matches_brute_force(thread_runs, period
     assert (ref >= 0).mean() > 0.3 and (ref < 0).mean() > 0.1  # both sides of the rims
     for got in thread_runs(lambda: ps.label(x, y)):
         assert np.array_equal(got, ref)
+
+
+def test_optical_colour_renders_phase_contrast():
+    """Optical colour: a phase scales its grains' colours (it used to be ignored, so the
+    ``phase`` label marked half the grains as a phase the image did not show)."""
+    from twin.generate import build_pipeline
+    from twin.recipe import parse_recipe
+
+    text = ("name: op\nsize: [96, 96]\nsamples: 4\nspecimens: 2\nseed: 1\n"
+            "instrument: generic-optical\ncontrast: {mode: optical-colour}\n"
+            "detector: {dose: 10000}\nlabels: {names: [grain_id, boundary, phase]}\n"
+            "specimen: {grains_per_field: 40, features: {phases: {enabled: true, phases: "
+            "[{name: a, fraction: 0.5, intensity: 0.3}, {name: b, fraction: 0.5, "
+            "intensity: 1.5}]}}}\n")
+    pipe = build_pipeline(parse_recipe(text), None)[0]
+    for i in range(4):
+        s = pipe.generate(i)
+        lum = s.image.astype(np.float64).mean(axis=-1)
+        ph = s.labels["phase"]
+        assert (ph == 0).any() and (ph == 1).any()
+        # b: colours x 1.5 / 0.3 = 5 (clipped at 1): clearly brighter than a
+        assert lum[ph == 1].mean() > 1.5 * lum[ph == 0].mean()

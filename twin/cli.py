@@ -246,6 +246,12 @@ def main(argv: list[str] | None = None) -> int:
         name = f" '{exc.filename}'" if exc.filename else ""
         print(f"twin: error: {exc.strerror or exc}{name}", file=sys.stderr)
         return 2
+    except MemoryError as exc:  # e.g. a raster or polygon set sized by extreme recipe values
+        if os.environ.get("EMTWIN_DEBUG"):
+            raise
+        print(f"twin: error: out of memory ({exc or 'allocation failed'}): lower the image size, "
+              "specimen_scale, resolution or feature counts of the recipe", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("twin: interrupted (no partial output was kept)", file=sys.stderr)
         return 130

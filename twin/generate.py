@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
+from twin.errors import RecipeError
 from twin.instrument import load_instrument, parse_instrument
 from twin.pipeline import SEMGrainPipeline
 from twin.recipe import Recipe, load_recipe, parse_recipe, recipe_sha256
@@ -25,7 +26,10 @@ def make_pipeline(recipe, instrument, seed: int | None = None):
 
     path = getattr(type(recipe), "pipeline", "twin.pipeline:SEMGrainPipeline")
     module, cls = path.split(":")
-    return getattr(importlib.import_module(module), cls)(recipe, instrument, root_seed=seed)
+    try:
+        return getattr(importlib.import_module(module), cls)(recipe, instrument, root_seed=seed)
+    except ValueError as exc:  # a combination the schema lets through, refused by a generator
+        raise RecipeError(f"recipe {recipe.name!r}: {exc}") from None
 
 
 def build_pipeline(recipe: Recipe, recipe_dir: Path | None = None,
@@ -49,7 +53,6 @@ def pipeline_from_text(recipe_text: str, instrument_text: str,
 def run_spec(recipe_path: str | os.PathLike, *, n: int | None = None, seed: int | None = None,
              compression: str | None = None, shard_size: int | None = None) -> RunSpec:
     """The :class:`twin.shards.RunSpec` of a recipe file with the command-line overrides."""
-    from twin.errors import RecipeError
 
     recipe, text = load_recipe(recipe_path)
     if n is not None and n < 1:

@@ -54,7 +54,7 @@ _DIR = Path(__file__).parent / "instruments"
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class FixedPatternProfile(_Strict):

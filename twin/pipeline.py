@@ -220,6 +220,16 @@ class SpecimenState:
     particles: Any = None
 
 
+def _phase_tinted(colours: np.ndarray, assignment, phases) -> np.ndarray:
+    """Grain colours (n, 3) of an optical-colour specimen scaled by their phase's intensity
+    relative to the matrix (the first phase, at the middle of its intensity range), clipped to
+    [0, 1]: a bright or dark second phase shows, as the ``phase`` label says it is there."""
+    lo, hi = phases.phases[0].intensity
+    ref = 0.5 * (lo + hi)
+    scale = assignment.intensity / ref if ref > 0 else np.ones(len(assignment.intensity))
+    return np.clip(np.asarray(colours, dtype=np.float64) * scale[:, None], 0.0, 1.0)
+
+
 def _child(keys: np.ndarray, slots: tuple[str, ...], name: str) -> np.random.Generator:
     return np.random.default_rng(int(keys[slots.index(name)]))
 
@@ -466,6 +476,8 @@ class SEMGrainPipeline:
                                                   tess.n_seeds)
             if fs.optical is None:
                 st.intensity = st.phases.intensity
+            else:  # optical colour: a phase scales its grains' colours by its intensity
+                st.intensity = _phase_tinted(st.intensity, st.phases, fs.phases)
             feat["phases"] = st.phases.to_dict()
         if fs.twins is not None:
             if isinstance(tess, Tessellation):  # lamellae in the frame of the grain's seed

@@ -22,7 +22,7 @@ __all__ = ["Recipe", "RecipeBase", "unique_names", "load_recipe", "parse_recipe"
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 def _as_range(v):
@@ -30,6 +30,8 @@ def _as_range(v):
     if isinstance(v, bool):
         raise ValueError("expected a number or [low, high]")
     if isinstance(v, (int, float)):
+        if not math.isfinite(float(v)):
+            raise ValueError("must be a finite number")
         return (float(v), float(v))
     if isinstance(v, (list, tuple)) and len(v) == 2 and all(
         isinstance(x, (int, float)) and not isinstance(x, bool) for x in v
@@ -109,7 +111,9 @@ class SizesFeature(_Feature):
 
 
 class SubgrainsFeature(_Feature):
-    subgrains_per_grain: _range_type(gt=0, le=10000) = (3.0, 10.0)
+    # (≤ 100: more sub-grains per grain are pixel-sized, and their polygons' memory grows as
+    # the square of the count: 10,000 asked for 300 GB)
+    subgrains_per_grain: _range_type(gt=0, le=100) = (3.0, 10.0)
     grain_fraction: float = Field(1.0, ge=0, le=1)
     intensity_delta: _range_type(ge=0, le=1) = (0.01, 0.05)
     groove_width_px: _range_type(ge=0, le=64) = (0.5, 2.0)
@@ -181,9 +185,13 @@ class VoronoiSpecimen(_Strict):
     kind: Literal["voronoi"] = "voronoi"
     grains_per_field: _range_type(ge=1, le=100000) = (80.0, 300.0)
     seeds: Literal["poisson", "hardcore"] = "poisson"
-    min_distance: float = Field(0.5, gt=0, le=1.2, description="fraction of mean seed spacing")
+    # random sequential adsorption of discs jams at coverage 0.547, i.e. min_distance 0.83:
+    # from ~0.8 the seeds cannot all be placed
+    min_distance: float = Field(0.5, gt=0, le=0.75, description="fraction of mean seed spacing")
     weights: Literal["none", "lognormal"] = "none"
-    weight_sigma: float = Field(0.35, ge=0, le=2.0)
+    # larger spreads of w = (s r / 2)² empty most cells (sigma 0.6: a third of them, 1.0: nearly
+    # all); a wide grain-size distribution is features.sizes (fitted weights)
+    weight_sigma: float = Field(0.35, ge=0, le=0.5)
     periodic: bool = True
     specimen_scale: float = Field(2.0, ge=1.0, le=16.0)
     features: Features = Features()
@@ -208,9 +216,12 @@ class Section3DSpecimen(_Strict):
     kind: Literal["section3d"]
     grains_per_field: _range_type(ge=1, le=100000) = (80.0, 300.0)
     seeds: Literal["poisson", "hardcore"] = "poisson"
-    min_distance: float = Field(0.5, gt=0, le=1.2, description="fraction of mean 3D seed spacing")
+    # spheres jam at volume fraction ~0.38 (min_distance ~0.9)
+    min_distance: float = Field(0.5, gt=0, le=0.8, description="fraction of mean 3D seed spacing")
     weights: Literal["none", "lognormal"] = "none"
-    weight_sigma: float = Field(0.35, ge=0, le=2.0)
+    # larger spreads of w = (s r / 2)² empty most cells (sigma 0.6: a third of them, 1.0: nearly
+    # all); a wide grain-size distribution is features.sizes (fitted weights)
+    weight_sigma: float = Field(0.35, ge=0, le=0.5)
     tilt_deg: _range_type(ge=0, le=90) = (0.0, 0.0)
     periodic: bool = True
     specimen_scale: float = Field(2.0, ge=1.0, le=16.0)
@@ -464,6 +475,10 @@ def format_validation_error(err: ValidationError, source: str) -> str:
             parts.append(f"unknown key '{loc}' (not allowed in {parent or 'the top level'})")
         elif e["type"] == "missing":
             parts.append(f"missing required key '{loc}'")
+        elif not loc or isinstance(e.get("input"), dict):
+            # a check across keys (a model validator): its message names them; the input is a
+            # whole (sub-)recipe, not a value to quote
+            parts.append(f"{loc}: {msg}" if loc else msg)
         else:
             parts.append(f"{loc} = {e.get('input')!r}: {msg}")
     return f"{source}: invalid recipe: " + "; ".join(parts)

@@ -811,11 +811,13 @@ def generate_sharded(
             _run_shards(spec, out, shard_dir, todo, done, workers=workers, client=client,
                         scheduler=scheduler, return_shards=return_shards, progress=progress,
                         on_sample=on_sample)
-        except _NothingKept:
-            # e.g. a recipe whose draws the generators cannot honour: a fixed recipe must not
+        except BaseException:
+            # no shard finished (e.g. a recipe whose draws the generators cannot honour, out of
+            # memory, Ctrl-C in the first shard): nothing to resume, and a fixed recipe must not
             # meet an "unfinished run of another recipe" in the way
-            if not any(p.name.startswith("shard-") for p in shard_dir.iterdir()):
-                _remove_shard_dir(shard_dir, lock)
+            with contextlib.suppress(OSError):
+                if not any(p.name.startswith("shard-") for p in shard_dir.iterdir()):
+                    _remove_shard_dir(shard_dir, lock)
             raise
         _join(spec, out, shard_dir)
         if not keep_shards:
