@@ -858,13 +858,9 @@ def _verify_existing(spec: RunSpec, shard_dir: Path, say: Callable[[str], None])
     return done
 
 
-class _NothingKept(GenerationError):
-    """A run failed before any shard was finished: nothing to resume (its directory goes)."""
-
-
 def _failure(out: Path, shard_dir: Path, spec: RunSpec, n_done: int, what: str) -> GenerationError:
-    if n_done == 0:
-        return _NothingKept(f"{what}; no shard was finished, nothing was written")
+    if n_done == 0:  # (generate_sharded then removes the shard directory: nothing to resume)
+        return GenerationError(f"{what}; no shard was finished, nothing was written")
     return GenerationError(
         f"{what}; {n_done} of {spec.n_shards} shards are finished and kept in {shard_dir}; "
         f"rerun the same command to resume"
