@@ -268,3 +268,21 @@ def test_bad_input_raises():
         oc.apply(gid, dist, cols[:, :2], params())
     with pytest.raises(ValueError):
         oc.apply(gid.astype(float), dist, cols, params())
+
+
+def test_dose_defaults_to_the_instruments_usual_exposure():
+    """A recipe without detector.dose: the instrument profile's dose (generic-optical: a camera's
+    8,000-12,000 photoelectrons; the SEM default 50-200 gave a 12-bit colour image a few counts
+    of contrast), else the schema default; a recipe's own dose wins."""
+    from twin.generate import build_pipeline
+    from twin.recipe import DEFAULT_DOSE, parse_recipe
+
+    head = "name: d\nsize: [64, 64]\nsamples: 2\nspecimens: 1\nseed: 1\n"
+    optical = head + "instrument: generic-optical\ncontrast: {mode: optical-colour}\n"
+    p = build_pipeline(parse_recipe(optical), None)[0]
+    assert p.dose_range == (8000.0, 12000.0)
+    img = p.generate(0).image.astype(np.float64)
+    assert img.std() > 50  # counts of contrast, not noise around a constant
+    assert build_pipeline(parse_recipe(optical + "detector: {dose: 500}\n"),
+                          None)[0].dose_range == (500.0, 500.0)
+    assert build_pipeline(parse_recipe(head), None)[0].dose_range == DEFAULT_DOSE

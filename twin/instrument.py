@@ -77,6 +77,10 @@ class DetectorProfile(_Strict):
     fixed_pattern: FixedPatternProfile = FixedPatternProfile()
     lag_px: float = Field(0.0, ge=0, le=1000,
                           description="detector lag time constant along the fast scan, px")
+    #: the exposure this detector is normally run at (electrons or photoelectrons per pixel at
+    #: full signal): the dose of recipes that do not set ``detector.dose`` (None: the recipe
+    #: schema's default, 50-200, an SEM's)
+    dose: _range_type(gt=0, le=1e9) | None = None
 
 
 def _xy_pair(v):

@@ -30,7 +30,7 @@ from generators.sem import ChannellingContrast, boundary_label
 from generators.voronoi import Tessellation
 from twin.dataset import LabelSpec
 from twin.instrument import Instrument
-from twin.recipe import Recipe
+from twin.recipe import DEFAULT_DOSE, Recipe
 from twin.seeding import sample_rng, specimen_rng
 
 __all__ = ["CachedSpecimenPipeline", "Sample", "SEMGrainPipeline", "LABEL_SPECS", "FeatureStages", "build_features",
@@ -351,8 +351,11 @@ class SEMGrainPipeline:
             self.optics = GaussianPSF(sigma_px=psf)
         self.vignetting = Vignetting(coefficients=opt.vignetting.coefficients())
         d = instrument.detector
+        # the recipe's dose, else the instrument's usual exposure, else the schema default
+        self.dose_range = (recipe.detector.dose if recipe.detector.dose is not None
+                           else d.dose if d.dose is not None else DEFAULT_DOSE)
         self.detector = Detector(gain=d.gain, readout_sigma=d.readout_sigma, offset=d.offset,
-                                 bit_depth=d.bit_depth, dose=recipe.detector.dose,
+                                 bit_depth=d.bit_depth, dose=self.dose_range,
                                  saturation=d.saturation, row_sigma=d.fixed_pattern.row_sigma,
                                  col_sigma=d.fixed_pattern.col_sigma,
                                  pattern_seed=d.fixed_pattern.seed, lag_px=d.lag_px)

@@ -371,8 +371,14 @@ class Scan(_Strict):
     line_jitter_px: float | None = Field(None, ge=0, le=100)
 
 
+#: dose of recipes that set none, on instruments whose profile names none (an SEM's)
+DEFAULT_DOSE = (50.0, 200.0)
+
+
 class DetectorOverrides(_Strict):
-    dose: _range_type(gt=0, le=1e9) = (50.0, 200.0)
+    # electrons (photoelectrons) per pixel at full signal; None: the instrument profile's
+    # detector.dose, else DEFAULT_DOSE
+    dose: _range_type(gt=0, le=1e9) | None = None
 
 
 class Labels(_Strict):
