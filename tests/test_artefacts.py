@@ -287,3 +287,24 @@ def test_fused_apply_signal_bitwise_equals_numpy_passes(thread_runs, dtype, part
         ref = ref.astype(dtype)
         for got in thread_runs(lambda: arts.apply_signal(sig, p)):
             assert got.dtype == dtype and got.tobytes() == ref.tobytes()
+
+
+def test_preview_stretch_ignores_the_data_bar(tmp_path):
+    """The bar is drawn at fractions of the full count range; a generic-sem micrograph uses a
+    few hundred counts of 65,535: `twin preview` stretches on the rows above the bar, so the
+    micrograph is not shown black (it was)."""
+    from twin.dataset import open_dataset
+    from twin.generate import generate_dataset
+    from twin.preview import _micrograph_rows, stretch
+
+    recipe = tmp_path / "bar.yaml"
+    recipe.write_text("name: bar\nsize: [96, 96]\nsamples: 2\nspecimens: 1\nseed: 1\n"
+                      "artefacts: {data_bar: {enabled: true}}\n")
+    out = generate_dataset(recipe, tmp_path / "bar.h5", workers=1, progress=False)
+    with open_dataset(out) as ds:
+        s = ds[0]
+    rows = _micrograph_rows(s["params"], 96)
+    assert rows is not None and 80 <= rows < 96
+    plain = stretch(s["image"])[:rows]
+    aware = stretch(s["image"], rows=rows)[:rows]
+    assert plain.std() < 10 < aware.std()  # black before, a micrograph now

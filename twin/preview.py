@@ -14,10 +14,12 @@ from twin.dataset import open_dataset
 __all__ = ["preview_montage", "stretch"]
 
 
-def stretch(image: np.ndarray, lo: float = 0.5, hi: float = 99.5) -> np.ndarray:
-    """Percentile stretch of an image (H, W) or (H, W, C) to uint8."""
+def stretch(image: np.ndarray, lo: float = 0.5, hi: float = 99.5, rows: int | None = None
+            ) -> np.ndarray:
+    """Percentile stretch of an image (H, W) or (H, W, C) to uint8 (percentiles of its first
+    ``rows`` rows when given, e.g. the micrograph above a data bar)."""
     im = np.asarray(image, dtype=np.float64)
-    a, b = np.percentile(im, [lo, hi])
+    a, b = np.percentile(im[:rows] if rows else im, [lo, hi])
     if b <= a:
         b = a + 1.0
     return (np.clip((im - a) / (b - a), 0, 1) * 255).astype(np.uint8)
@@ -28,6 +30,15 @@ def _outlines(grain_id: np.ndarray) -> np.ndarray:
     edge[:, 1:] |= grain_id[:, 1:] != grain_id[:, :-1]
     edge[1:, :] |= grain_id[1:, :] != grain_id[:-1, :]
     return edge
+
+
+def _micrograph_rows(params: dict, height: int) -> int | None:
+    """Rows above the sample's data bar (None: no bar): the stretch ignores the bar, drawn at
+    fractions of the full count range while a micrograph may use a small part of it."""
+    bar = ((params.get("features") or {}).get("artefacts") or {}).get("data_bar")
+    if not isinstance(bar, dict) or not bar.get("rows"):
+        return None
+    return max(1, height - int(bar["rows"]))
 
 
 _PHASE_COLOURS = ((40, 220, 60), (255, 150, 0), (60, 120, 255), (200, 200, 200))
@@ -60,8 +71,10 @@ def preview_montage(path: str | Path, out: str | Path, n: int = 4, tile: int = 2
         for k in range(n):
             s = ds[k]
             img = s["image"]
-            grey = stretch(img if img.ndim == 2 else img.mean(axis=-1))
-            rgb = np.repeat(grey[..., None], 3, axis=-1) if img.ndim == 2 else stretch(img)
+            rows = _micrograph_rows(s.get("params") or {}, img.shape[0])
+            grey = stretch(img if img.ndim == 2 else img.mean(axis=-1), rows=rows)
+            rgb = (np.repeat(grey[..., None], 3, axis=-1) if img.ndim == 2
+                   else stretch(img, rows=rows))
             over = rgb.copy()
             labels = s["labels"]
             if "grain_id" in labels:
