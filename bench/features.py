@@ -76,6 +76,16 @@ artefacts:
 """
 
 
+def _recipe_texts(size: int, total: int, per_specimen: int, mode: str) -> tuple[str, str]:
+    """The plain and the all-features recipe texts: ``total`` samples, ``per_specimen`` each."""
+    plain = PLAIN.format(size=size, total=total, specimens=-(-total // per_specimen))
+    if mode == "optical":
+        plain += OPTICAL
+    feat = plain.replace("specimen: {grains_per_field: [80, 160]}",
+                         "specimen:\n  grains_per_field: [80, 160]" + FEATURES)
+    return plain, feat
+
+
 def _rate(pipe, start: int, n: int) -> float:
     t0 = time.perf_counter()
     for i in range(start, start + n):
@@ -140,12 +150,7 @@ def main() -> None:
 
     warm = 2 * args.per_specimen
     total = warm + args.n
-    specimens = -(-total // args.per_specimen)
-    plain_text = PLAIN.format(size=args.size, total=total, specimens=specimens)
-    if args.mode == "optical":
-        plain_text += OPTICAL
-    feat_text = plain_text.replace("specimen: {grains_per_field: [80, 160]}",
-                                   "specimen:\n  grains_per_field: [80, 160]" + FEATURES)
+    plain_text, feat_text = _recipe_texts(args.size, total, args.per_specimen, args.mode)
     pipes = {"plain": plain_text, "all features": feat_text}
     if args.breakdown:  # every feature alone: all others switched off
         import re
@@ -179,10 +184,8 @@ def main() -> None:
     wn = max(1, args.write_n)
     wr = max(1, args.write_rounds)
     with tempfile.TemporaryDirectory(prefix="emtwin-bench-features-") as tmp:
-        texts = {k: (plain_text if k == "plain" else feat_text).replace(
-            f"samples: {total}", f"samples: {wn}").replace(
-            f"specimens: {specimens}", f"specimens: {-(-wn // args.per_specimen)}")
-            for k in ("plain", "all features")}
+        texts = dict(zip(("plain", "all features"),
+                         _recipe_texts(args.size, wn, args.per_specimen, args.mode)))
         wsec, wround = _written(texts, Path(tmp), wn, wr)
     wrate = {k: wr * wn / t for k, t in wsec.items()}
     print(f"\n1. datasets generated (generate_dataset = twin generate, one process, HDF5 written; "

@@ -807,7 +807,7 @@ class SubgrainStructure:
     segment_neighbour: np.ndarray
     polygons: CellPolygons
     params: dict = field(default_factory=dict)
-    _rows: np.ndarray | None = field(default=None, repr=False)
+    _rows: np.ndarray | None = field(default=None, init=False, repr=False, compare=False)
 
     def _segment_rows(self) -> np.ndarray:
         """:attr:`segments` as the label kernel's rows (:func:`_segment_rows`), built once."""
